@@ -1,0 +1,195 @@
+//! Page-aligned buffers for O_DIRECT I/O.
+//!
+//! O_DIRECT requires the user buffer, the file offset and the length to be
+//! aligned to the device's logical block size. We align every buffer to
+//! [`PAGE_SIZE_BYTES`], which satisfies both 512- and 4096-byte devices, so a
+//! buffer can go to the log, to a data copy or to a socket without a copy.
+
+use std::alloc::{self, Layout};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+/// Alignment and granularity of every O_DIRECT buffer.
+pub const PAGE_SIZE_BYTES: usize = 4096;
+
+/// A zero-initialised heap buffer whose start address is aligned to
+/// [`PAGE_SIZE_BYTES`].
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>; moving
+// it to another thread moves that ownership.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only permit reads of the owned allocation.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// Allocates `len` zeroed bytes, aligned to [`PAGE_SIZE_BYTES`]. `len`
+    /// may be any size; O_DIRECT callers round it up themselves.
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        if len == 0 {
+            return AlignedBuf {
+                ptr: NonNull::dangling(),
+                len: 0,
+            };
+        }
+        let layout = Self::layout(len);
+        // SAFETY: layout has a non-zero size (len > 0) and a valid alignment.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout);
+        };
+        AlignedBuf { ptr, len }
+    }
+
+    /// Allocates a buffer holding a copy of `bytes`.
+    pub fn copy_from(bytes: &[u8]) -> AlignedBuf {
+        let mut buf = AlignedBuf::zeroed(bytes.len());
+        buf.as_mut_slice().copy_from_slice(bytes);
+        buf
+    }
+
+    fn layout(len: usize) -> Layout {
+        Layout::from_size_align(len, PAGE_SIZE_BYTES).expect("buffer size overflows a Layout")
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a zero-length buffer.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes, read-only.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr points to len initialised (zeroed at allocation) bytes
+        // owned by self, or is dangling with len 0, which from_raw_parts allows.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice, and &mut self guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if self.len != 0 {
+            // SAFETY: ptr was returned by alloc_zeroed with this same layout.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        }
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf").field("len", &self.len).finish()
+    }
+}
+
+// SAFETY: the allocation never moves while the AlignedBuf lives (it is on the
+// heap and AlignedBuf never reallocates), and all len bytes are initialised.
+unsafe impl tokio_uring::buf::IoBuf for AlignedBuf {
+    fn stable_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+    fn bytes_init(&self) -> usize {
+        self.len
+    }
+    fn bytes_total(&self) -> usize {
+        self.len
+    }
+}
+
+// SAFETY: as for IoBuf; the buffer is always fully initialised, so
+// set_init has nothing to record.
+unsafe impl tokio_uring::buf::IoBufMut for AlignedBuf {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    unsafe fn set_init(&mut self, _pos: usize) {}
+}
+
+/// An immutable, reference-counted aligned payload: the one buffer an update's
+/// data lives in on the primary, shared by the local write and every
+/// secondary's send so that the payload is never copied per destination.
+#[derive(Clone, Debug)]
+pub struct SharedBuf(pub Arc<AlignedBuf>);
+
+impl SharedBuf {
+    /// Wraps a filled buffer.
+    pub fn new(buf: AlignedBuf) -> SharedBuf {
+        SharedBuf(Arc::new(buf))
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True for a zero-length buffer.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+// SAFETY: the Arc keeps the allocation alive and unmoved for as long as this
+// clone lives, and the bytes are never written through a SharedBuf.
+unsafe impl tokio_uring::buf::IoBuf for SharedBuf {
+    fn stable_ptr(&self) -> *const u8 {
+        self.0.ptr.as_ptr()
+    }
+    fn bytes_init(&self) -> usize {
+        self.0.len
+    }
+    fn bytes_total(&self) -> usize {
+        self.0.len
+    }
+}
+
+/// Rounds `value` up to the next multiple of `align`, a power of two.
+pub const fn round_up(value: u64, align: u64) -> u64 {
+    debug_assert!(align.is_power_of_two());
+    (value + align - 1) & !(align - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_page_aligned_and_zeroed() {
+        for len in [1, 512, 4096, 4097, 1 << 20] {
+            let buf = AlignedBuf::zeroed(len);
+            assert_eq!(buf.as_slice().as_ptr() as usize % PAGE_SIZE_BYTES, 0);
+            assert!(buf.as_slice().iter().all(|&b| b == 0));
+            assert_eq!(buf.len(), len);
+        }
+    }
+
+    #[test]
+    fn copy_from_keeps_the_bytes() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        assert_eq!(AlignedBuf::copy_from(&data).as_slice(), &data[..]);
+    }
+
+    #[test]
+    fn round_up_to_pages() {
+        assert_eq!(round_up(0, 4096), 0);
+        assert_eq!(round_up(1, 4096), 4096);
+        assert_eq!(round_up(4096, 4096), 4096);
+        assert_eq!(round_up(4160, 4096), 8192);
+    }
+}
