@@ -161,6 +161,31 @@ unsafe impl tokio_uring::buf::IoBuf for SharedBuf {
     }
 }
 
+/// A log record's buffer on a secondary: one allocation holding the record
+/// header and the payload, shared (on one thread) by the log write and the
+/// apply to the copy, so the payload is copied once, off the socket.
+#[derive(Clone, Debug)]
+pub struct RecordRef {
+    /// The whole record, padded to a page multiple.
+    pub buf: std::rc::Rc<AlignedBuf>,
+    /// Length of the payload inside it.
+    pub length_bytes: u32,
+}
+
+// SAFETY: the Rc keeps the allocation alive and unmoved for as long as this
+// clone lives, and nothing writes the bytes once a RecordRef exists.
+unsafe impl tokio_uring::buf::IoBuf for RecordRef {
+    fn stable_ptr(&self) -> *const u8 {
+        self.buf.ptr.as_ptr()
+    }
+    fn bytes_init(&self) -> usize {
+        self.buf.len
+    }
+    fn bytes_total(&self) -> usize {
+        self.buf.len
+    }
+}
+
 /// Rounds `value` up to the next multiple of `align`, a power of two.
 pub const fn round_up(value: u64, align: u64) -> u64 {
     debug_assert!(align.is_power_of_two());

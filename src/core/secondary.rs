@@ -83,6 +83,17 @@ pub struct IncomingUpdate {
     pub all_acked_seq: u64,
 }
 
+/// A record the recovery scan found in the log (already applied and synced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecoveredRecord {
+    /// Its seq.
+    pub seq: u64,
+    /// Where it starts in the ring.
+    pub ring_offset: u64,
+    /// Its size in the ring.
+    pub size_bytes: u64,
+}
+
 /// An update that cannot be taken: the connection must be closed.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum UpdateError {
@@ -240,7 +251,7 @@ impl<P: Clone> Secondary<P> {
     pub fn new(
         limits: SecondaryLimits,
         position: LogPosition,
-        recovered: &[(u64, u64, u64)],
+        recovered: &[RecoveredRecord],
         now_ms: u64,
     ) -> Secondary<P> {
         assert!(
@@ -253,10 +264,10 @@ impl<P: Clone> Secondary<P> {
         );
         let records: VecDeque<Record<P>> = recovered
             .iter()
-            .map(|&(seq, ring_offset, size_bytes)| Record {
-                seq,
-                ring_offset,
-                size_bytes,
+            .map(|recovered| Record {
+                seq: recovered.seq,
+                ring_offset: recovered.ring_offset,
+                size_bytes: recovered.size_bytes,
                 offset_bytes: 0,
                 payload: None,
                 written: true,

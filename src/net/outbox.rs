@@ -1,0 +1,187 @@
+//! The sending half of a connection.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use tokio::sync::Notify;
+use tokio_uring::net::TcpStream;
+
+use crate::buf::SharedBuf;
+use crate::proto::Frame;
+
+/// Most buffers in one `writev`; well under the kernel's IOV_MAX (1024).
+pub const WRITEV_BUFFERS_MAX: usize = 128;
+
+/// One piece of outgoing bytes: an encoded frame or frame header, or an
+/// update's payload shared with the local write and the other secondaries.
+pub enum OutBuf {
+    /// Bytes owned by this piece.
+    Owned(Vec<u8>, usize),
+    /// An update's payload; never copied.
+    Shared(SharedBuf, usize),
+}
+
+impl OutBuf {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            OutBuf::Owned(bytes, start) => &bytes[*start..],
+            OutBuf::Shared(buf, start) => &buf.as_slice()[*start..],
+        }
+    }
+
+    fn advance(&mut self, count: usize) {
+        match self {
+            OutBuf::Owned(_, start) | OutBuf::Shared(_, start) => *start += count,
+        }
+    }
+}
+
+// SAFETY: both variants own (or share, via Arc) a heap allocation that does
+// not move or change while this value lives; the pointer and length describe
+// initialised bytes within it.
+unsafe impl tokio_uring::buf::IoBuf for OutBuf {
+    fn stable_ptr(&self) -> *const u8 {
+        self.bytes().as_ptr()
+    }
+    fn bytes_init(&self) -> usize {
+        self.bytes().len()
+    }
+    fn bytes_total(&self) -> usize {
+        self.bytes().len()
+    }
+}
+
+/// A queue of outgoing bytes and the task that writes them. Frames are
+/// written in the order queued; a write error closes the outbox.
+pub struct Outbox {
+    queue: RefCell<VecDeque<OutBuf>>,
+    ready: Notify,
+    closed: Cell<bool>,
+    /// Wakes whoever waits for the outbox to close.
+    closed_notify: Notify,
+}
+
+impl Outbox {
+    /// Starts the writer task for `stream` on the current tokio-uring runtime.
+    pub fn start(stream: Rc<TcpStream>, peer: String) -> Rc<Outbox> {
+        let outbox = Rc::new(Outbox {
+            queue: RefCell::new(VecDeque::new()),
+            ready: Notify::new(),
+            closed: Cell::new(false),
+            closed_notify: Notify::new(),
+        });
+        let writer = outbox.clone();
+        tokio_uring::spawn(async move {
+            if let Err(error) = writer.run(&stream).await {
+                tracing::debug!(%peer, %error, "send failed; closing connection");
+            }
+            writer.close();
+            // Wake a reader blocked on this socket.
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        });
+        outbox
+    }
+
+    /// Queues a frame.
+    pub fn send_frame(&self, frame: &Frame<'_>) {
+        let mut bytes = Vec::with_capacity(64);
+        frame.encode(&mut bytes);
+        self.send_bytes(bytes);
+    }
+
+    /// Queues encoded bytes.
+    pub fn send_bytes(&self, bytes: Vec<u8>) {
+        self.push(OutBuf::Owned(bytes, 0));
+    }
+
+    /// Queues an update: its encoded header, then its shared payload.
+    pub fn send_update(&self, header: Vec<u8>, payload: SharedBuf) {
+        self.push(OutBuf::Owned(header, 0));
+        self.push(OutBuf::Shared(payload, 0));
+    }
+
+    fn push(&self, piece: OutBuf) {
+        if self.closed.get() {
+            return;
+        }
+        self.queue.borrow_mut().push_back(piece);
+        self.ready.notify_one();
+    }
+
+    /// True once the connection is closed; queued bytes are dropped.
+    pub fn is_closed(&self) -> bool {
+        self.closed.get()
+    }
+
+    /// Closes the outbox: the writer stops and the socket is shut down.
+    pub fn close(&self) {
+        if !self.closed.replace(true) {
+            self.queue.borrow_mut().clear();
+            self.ready.notify_one();
+            self.closed_notify.notify_waiters();
+        }
+    }
+
+    /// Waits until the outbox is closed.
+    pub async fn closed(&self) {
+        while !self.closed.get() {
+            let notified = self.closed_notify.notified();
+            if self.closed.get() {
+                break;
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until everything queued so far has been written (or the
+    /// connection closed).
+    pub async fn drained(&self) {
+        while !self.closed.get() && !self.queue.borrow().is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    async fn run(&self, stream: &TcpStream) -> std::io::Result<()> {
+        loop {
+            if self.closed.get() {
+                return Ok(());
+            }
+            let batch: Vec<OutBuf> = {
+                let mut queue = self.queue.borrow_mut();
+                let count = queue.len().min(WRITEV_BUFFERS_MAX);
+                queue.drain(..count).collect()
+            };
+            if batch.is_empty() {
+                self.ready.notified().await;
+                continue;
+            }
+            write_all_vectored(stream, batch).await?;
+        }
+    }
+}
+
+/// Writes every buffer in full, resuming after short writes.
+async fn write_all_vectored(stream: &TcpStream, mut batch: Vec<OutBuf>) -> std::io::Result<()> {
+    while !batch.is_empty() {
+        let (result, returned) = stream.writev(batch).await;
+        batch = returned;
+        let mut written = result?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut done = 0;
+        for piece in batch.iter_mut() {
+            let length = piece.bytes().len();
+            if written >= length {
+                written -= length;
+                done += 1;
+            } else {
+                piece.advance(written);
+                break;
+            }
+        }
+        batch.drain(..done);
+    }
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! Why a node could not start or had to stop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// A node's failure, naming the file, field or peer concerned.
+#[derive(Debug, Error)]
+pub enum NodeError {
+    /// The config has no such node.
+    #[error("node {node_id} is not in the config")]
+    UnknownNode {
+        /// The id asked for.
+        node_id: u32,
+    },
+    /// The config is unusable.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The log file is unusable.
+    #[error(transparent)]
+    Wal(#[from] crate::wal::WalError),
+    /// The data file is unusable.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A file and the config disagree.
+    #[error("{path}: {field}: {reason}")]
+    Mismatch {
+        /// The file.
+        path: PathBuf,
+        /// The field.
+        field: String,
+        /// How they disagree.
+        reason: String,
+    },
+    /// An I/O error on a file.
+    #[error("{path}: {context}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        context: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The recovery scan could not finish.
+    #[error("recovering log {path}: {reason}")]
+    Recovery {
+        /// The log.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The listening socket could not be bound.
+    #[error("listening on {address}: {source}")]
+    Listen {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The secondaries cannot form a volume with this primary.
+    #[error("cannot start the primary: {reason}")]
+    Startup {
+        /// Why.
+        reason: String,
+    },
+    /// An I/O error after which the node stopped rather than guess.
+    #[error("stopped after a fatal error: {reason}")]
+    Fatal {
+        /// What failed.
+        reason: String,
+    },
+}
+
+impl NodeError {
+    /// An I/O error on `path` while doing `context`.
+    pub fn io(path: &Path, context: &'static str, source: std::io::Error) -> NodeError {
+        NodeError::Io {
+            path: path.to_owned(),
+            context,
+            source,
+        }
+    }
+}

@@ -1,0 +1,778 @@
+//! The secondary daemon: recovers its log into its copy, listens for the
+//! primary, and runs [`crate::core::secondary::Secondary`] over tokio-uring.
+//!
+//! One primary session is served at a time; a newer primary connection
+//! replaces the old one. Tools (`replblk-ctl`, `replblk-resync`) connect
+//! with role Tool and may only query the log's state.
+
+use std::cell::{Cell, RefCell};
+use std::os::unix::fs::FileExt;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_uring::buf::BoundedBuf;
+use tokio_uring::net::{TcpListener, TcpStream};
+
+use super::error::NodeError;
+use crate::buf::AlignedBuf;
+use crate::buf::RecordRef;
+use crate::config::{Config, NodeConfig};
+use crate::core::secondary::{
+    Action, IncomingUpdate, LogPosition, Offer, RecoveredRecord, Secondary, SecondaryLimits,
+};
+use crate::net::{FrameReader, Outbox};
+use crate::proto::{
+    ErrorCode, ErrorFrame, Frame, Hello, LogState, Role, UpdateHeader, PROTOCOL_VERSION,
+    UPDATE_DATA_MAX_BYTES,
+};
+use crate::store::DataFile;
+use crate::wal::{self, LogFile, RecordHeader, RECORD_PAYLOAD_OFFSET_BYTES};
+
+/// Most records merged into one vectored log write.
+pub const RECORD_WRITE_BATCH_MAX: usize = 64;
+/// How long a clean stop waits for in-flight log and copy I/O.
+pub const STOP_DRAIN_TIMEOUT_MS: u64 = 10_000;
+
+struct Node {
+    volume_uuid: [u8; 16],
+    node_id: u32,
+    core: RefCell<Secondary<RecordRef>>,
+    log: RefCell<LogFile>,
+    log_direct: Rc<tokio_uring::fs::File>,
+    copy: Rc<tokio_uring::fs::File>,
+    /// The primary session being served: its number and its outbox.
+    session: RefCell<Option<(u64, Rc<Outbox>)>>,
+    sessions_started: Cell<u64>,
+    /// Signalled whenever ring space is freed.
+    space: Notify,
+    /// First fatal I/O error; the daemon stops on it.
+    fatal: RefCell<Option<String>>,
+    fatal_notify: Notify,
+    clock: Instant,
+}
+
+/// Runs a secondary until SIGTERM/SIGINT or a fatal I/O error.
+pub fn run(config: &Config, node_id: u32) -> Result<(), NodeError> {
+    let node = config
+        .node(node_id)
+        .ok_or(NodeError::UnknownNode { node_id })?
+        .clone();
+    let volume_uuid = *config.volume.uuid.as_bytes();
+    let data = DataFile::open(
+        &node.data_path,
+        volume_uuid,
+        node_id,
+        config.volume.block_size_bytes,
+        config.volume.size_bytes,
+    )?;
+    let mut log = LogFile::open(&node.log_path, volume_uuid, node_id)?;
+    if log.header().log_size_bytes != node.log_size_bytes {
+        return Err(NodeError::Mismatch {
+            path: node.log_path.clone(),
+            field: "log_size_bytes".into(),
+            reason: format!(
+                "the log file holds {} bytes but the config says {}",
+                log.header().log_size_bytes,
+                node.log_size_bytes
+            ),
+        });
+    }
+    let copy = data
+        .buffered_file()
+        .map_err(|source| NodeError::io(&node.data_path, "opening the copy", source))?;
+    let (position, recovered) = recover(&mut log, &copy, config, &node)?;
+    let limits = SecondaryLimits {
+        ring_len_bytes: log.ring_len_bytes(),
+        sync_every_ack: config.replication.sync_every_ack,
+        clear_interval_ms: config.replication.clear_interval_ms,
+        volume_size_bytes: config.volume.size_bytes,
+        block_size_bytes: config.volume.block_size_bytes,
+        write_max_bytes: UPDATE_DATA_MAX_BYTES as u32,
+    };
+    let log_direct = log
+        .direct_file()
+        .map_err(|source| NodeError::io(&node.log_path, "opening the log", source))?;
+    tokio_uring::start(async move {
+        let node_state = Rc::new(Node {
+            volume_uuid,
+            node_id,
+            core: RefCell::new(Secondary::new(limits, position, &recovered, 0)),
+            log: RefCell::new(log),
+            log_direct: Rc::new(tokio_uring::fs::File::from_std(log_direct)),
+            copy: Rc::new(tokio_uring::fs::File::from_std(copy)),
+            session: RefCell::new(None),
+            sessions_started: Cell::new(0),
+            space: Notify::new(),
+            fatal: RefCell::new(None),
+            fatal_notify: Notify::new(),
+            clock: Instant::now(),
+        });
+        serve(node_state, node).await
+    })
+}
+
+/// Replays the log's valid records into the copy and syncs it.
+fn recover(
+    log: &mut LogFile,
+    copy: &std::fs::File,
+    config: &Config,
+    node: &NodeConfig,
+) -> Result<(LogPosition, Vec<RecoveredRecord>), NodeError> {
+    let header = log.header();
+    let ring_len = header.ring_len_bytes();
+    let mut recovered = Vec::new();
+    let mut ring_offset = header.start_offset;
+    let volume_size_bytes = config.volume.size_bytes;
+    let outcome = wal::scan(
+        &header,
+        &mut log.ring_reader(),
+        |record: &RecordHeader, payload: &[u8]| {
+            let end = record
+                .offset_bytes
+                .checked_add(u64::from(record.length_bytes));
+            if end.is_none_or(|end| end > volume_size_bytes) {
+                return Err(std::io::Error::other(format!(
+                    "record seq {} writes past the volume's end ({} bytes)",
+                    record.seq, volume_size_bytes
+                )));
+            }
+            copy.write_all_at(payload, record.offset_bytes)?;
+            let size = wal::record_size_bytes(record.length_bytes);
+            recovered.push(RecoveredRecord {
+                seq: record.seq,
+                ring_offset,
+                size_bytes: size,
+            });
+            ring_offset = (ring_offset + size) % ring_len;
+            Ok(())
+        },
+    )
+    .map_err(|error| NodeError::Recovery {
+        path: node.log_path.clone(),
+        reason: error.to_string(),
+    })?;
+    copy.sync_data()
+        .map_err(|source| NodeError::io(&node.data_path, "fdatasync after replay", source))?;
+    if outcome.stop.is_clean() {
+        tracing::info!(log = %node.log_path.display(), records = outcome.records, next_seq = outcome.next_seq, "log recovered: {}", outcome.stop);
+    } else {
+        tracing::warn!(log = %node.log_path.display(), records = outcome.records, next_seq = outcome.next_seq,
+            "log recovered up to a bad record, which is not applied: {}", outcome.stop);
+    }
+    let position = LogPosition {
+        epoch: header.epoch,
+        start_offset: header.start_offset,
+        start_seq: header.start_seq,
+        tail_offset: outcome.tail_offset,
+        next_seq: outcome.next_seq,
+    };
+    Ok((position, recovered))
+}
+
+async fn serve(node: Rc<Node>, config: NodeConfig) -> Result<(), NodeError> {
+    let listener = TcpListener::bind(config.address).map_err(|source| NodeError::Listen {
+        address: config.address,
+        source,
+    })?;
+    tracing::info!(node = node.node_id, address = %config.address, next_seq = node.core.borrow().next_seq(), "secondary listening");
+    let ticker = node.clone();
+    tokio_uring::spawn(async move {
+        loop {
+            let timeout = ticker.core.borrow().poll_timeout();
+            let wait_ms = timeout.map_or(1000, |at| at.saturating_sub(ticker.now_ms()).max(1));
+            tokio::time::sleep(Duration::from_millis(wait_ms.min(1000))).await;
+            let now = ticker.now_ms();
+            ticker.core.borrow_mut().handle_timeout(now);
+            ticker.pump();
+        }
+    });
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| {
+        NodeError::io(&config.log_path, "installing the SIGTERM handler", source)
+    })?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|source| {
+        NodeError::io(&config.log_path, "installing the SIGINT handler", source)
+    })?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let session_node = node.clone();
+                        tokio_uring::spawn(async move {
+                            session_node.session(stream, peer.to_string()).await;
+                        });
+                    }
+                    Err(error) => tracing::warn!(%error, "accept failed"),
+                }
+            }
+            _ = node.fatal_notify.notified() => {}
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+        if let Some(reason) = node.fatal.borrow().clone() {
+            return Err(NodeError::Fatal { reason });
+        }
+    }
+    tracing::info!("stopping: finishing in-flight log and copy I/O");
+    if let Some((_, outbox)) = node.session.borrow_mut().take() {
+        outbox.close();
+    }
+    let deadline = Instant::now() + Duration::from_millis(STOP_DRAIN_TIMEOUT_MS);
+    while !node.core.borrow().is_idle() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if let Some(reason) = node.fatal.borrow().clone() {
+        return Err(NodeError::Fatal { reason });
+    }
+    let core = node.core.borrow();
+    tracing::info!(
+        start_seq = core.start_seq(),
+        next_seq = core.next_seq(),
+        "secondary stopped"
+    );
+    Ok(())
+}
+
+impl Node {
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    fn log_state(&self) -> LogState {
+        let core = self.core.borrow();
+        LogState {
+            epoch: core.epoch(),
+            start_seq: core.start_seq(),
+            next_seq: core.next_seq(),
+            applied_seq: core.applied_seq(),
+        }
+    }
+
+    fn hello(&self) -> Hello {
+        Hello {
+            volume_uuid: self.volume_uuid,
+            node_id: self.node_id,
+            protocol_version: PROTOCOL_VERSION,
+            role: Role::Secondary,
+            epoch: self.core.borrow().epoch(),
+        }
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::error!(%reason, "fatal I/O error: stopping");
+        self.fatal.borrow_mut().get_or_insert(reason);
+        self.fatal_notify.notify_one();
+    }
+
+    /// Serves one connection: a primary's stream or a tool's queries.
+    async fn session(self: &Rc<Self>, stream: TcpStream, peer: String) {
+        let stream = Rc::new(stream);
+        let outbox = Outbox::start(stream.clone(), peer.clone());
+        let mut reader = FrameReader::new(stream, peer.clone());
+        let result = self.handshake(&mut reader, &outbox).await;
+        let role = match result {
+            Ok(role) => role,
+            Err(refusal) => {
+                tracing::warn!(%peer, %refusal, "connection refused");
+                if let Some(frame) = refusal.frame {
+                    outbox.send_frame(&Frame::Error(frame));
+                    outbox.drained().await;
+                }
+                outbox.close();
+                return;
+            }
+        };
+        let result = match role {
+            Role::Primary => self.primary_session(&mut reader, &outbox).await,
+            _ => self.tool_session(&mut reader, &outbox).await,
+        };
+        if let Err(reason) = result {
+            tracing::warn!(%peer, %reason, "connection closed");
+            if let Some(frame) = reason.frame {
+                outbox.send_frame(&Frame::Error(frame));
+                outbox.drained().await;
+            }
+        }
+        outbox.close();
+    }
+
+    async fn handshake(
+        self: &Rc<Self>,
+        reader: &mut FrameReader,
+        outbox: &Rc<Outbox>,
+    ) -> Result<Role, Refusal> {
+        reader.fill().await.map_err(Refusal::from_net)?;
+        let (frame, length) = reader.frame().map_err(Refusal::from_net)?;
+        let Frame::Hello(hello) = frame else {
+            return Err(Refusal::new(
+                ErrorCode::BadFrame,
+                format!("expected Hello, got {:?}", frame.kind()),
+            ));
+        };
+        reader.consume(length);
+        if hello.volume_uuid != self.volume_uuid {
+            return Err(Refusal::new(
+                ErrorCode::WrongVolume,
+                format!(
+                    "peer node {} serves volume {}, this node serves {}",
+                    hello.node_id,
+                    uuid::Uuid::from_bytes(hello.volume_uuid),
+                    uuid::Uuid::from_bytes(self.volume_uuid)
+                ),
+            ));
+        }
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(Refusal::new(
+                ErrorCode::ProtocolVersion,
+                format!(
+                    "protocol version {} unsupported (this node speaks {PROTOCOL_VERSION})",
+                    hello.protocol_version
+                ),
+            ));
+        }
+        if hello.role == Role::Primary {
+            let epoch = self.core.borrow().epoch();
+            if hello.epoch < epoch {
+                return Err(Refusal::new(
+                    ErrorCode::StaleEpoch,
+                    format!(
+                        "primary node {} has epoch {} but this log is at epoch {epoch}",
+                        hello.node_id, hello.epoch
+                    ),
+                ));
+            }
+            if hello.epoch > epoch {
+                self.log
+                    .borrow_mut()
+                    .persist_header(|header| header.epoch = hello.epoch)
+                    .map_err(|error| Refusal::new(ErrorCode::Internal, error.to_string()))?;
+                self.core.borrow_mut().set_epoch(hello.epoch);
+                tracing::info!(epoch = hello.epoch, "adopted the primary's epoch");
+            }
+            // A newer primary connection replaces the old one.
+            let generation = self.sessions_started.get() + 1;
+            self.sessions_started.set(generation);
+            if let Some((_, old)) = self
+                .session
+                .borrow_mut()
+                .replace((generation, outbox.clone()))
+            {
+                tracing::info!("a new primary connection replaces the previous one");
+                old.close();
+            }
+            self.core.borrow_mut().connection_started();
+            tracing::info!(
+                primary = hello.node_id,
+                epoch = hello.epoch,
+                next_seq = self.core.borrow().next_seq(),
+                "primary connected"
+            );
+        }
+        outbox.send_frame(&Frame::Hello(self.hello()));
+        outbox.send_frame(&Frame::LogState(self.log_state()));
+        Ok(hello.role)
+    }
+
+    fn is_current(&self, outbox: &Rc<Outbox>) -> bool {
+        self.session
+            .borrow()
+            .as_ref()
+            .is_some_and(|(_, current)| Rc::ptr_eq(current, outbox))
+    }
+
+    async fn tool_session(
+        self: &Rc<Self>,
+        reader: &mut FrameReader,
+        outbox: &Rc<Outbox>,
+    ) -> Result<(), Refusal> {
+        loop {
+            reader.fill().await.map_err(Refusal::from_net)?;
+            let (frame, length) = reader.frame().map_err(Refusal::from_net)?;
+            match frame {
+                Frame::LogStateQuery => outbox.send_frame(&Frame::LogState(self.log_state())),
+                other => {
+                    return Err(Refusal::new(
+                        ErrorCode::BadFrame,
+                        format!("a tool may not send {:?}", other.kind()),
+                    ));
+                }
+            }
+            reader.consume(length);
+        }
+    }
+
+    async fn primary_session(
+        self: &Rc<Self>,
+        reader: &mut FrameReader,
+        outbox: &Rc<Outbox>,
+    ) -> Result<(), Refusal> {
+        let result = self.primary_frames(reader, outbox).await;
+        if self.is_current(outbox) {
+            self.session.borrow_mut().take();
+        }
+        result
+    }
+
+    async fn primary_frames(
+        self: &Rc<Self>,
+        reader: &mut FrameReader,
+        outbox: &Rc<Outbox>,
+    ) -> Result<(), Refusal> {
+        loop {
+            reader.fill().await.map_err(Refusal::from_net)?;
+            // Take every frame already buffered before acting, so records
+            // that arrived together are written and synced together.
+            while reader.has_frame() {
+                if !self.is_current(outbox) {
+                    return Err(Refusal::quiet("replaced by a newer primary connection"));
+                }
+                let (frame, length) = reader.frame().map_err(Refusal::from_net)?;
+                let now = self.now_ms();
+                match frame {
+                    Frame::Update { header, data } => {
+                        let record = build_record(&header, data);
+                        reader.consume(length);
+                        self.offer(header, record, outbox).await?;
+                    }
+                    Frame::AllAcked { seq } => {
+                        reader.consume(length);
+                        self.core
+                            .borrow_mut()
+                            .all_acked(seq, now)
+                            .map_err(Refusal::from_update)?;
+                    }
+                    Frame::Flush { seq } => {
+                        reader.consume(length);
+                        self.core.borrow_mut().flush_requested(seq, now);
+                    }
+                    Frame::LogStateQuery => {
+                        reader.consume(length);
+                        outbox.send_frame(&Frame::LogState(self.log_state()));
+                    }
+                    Frame::Error(error) => {
+                        return Err(Refusal::quiet(format!(
+                            "primary sent error {:?}: {}",
+                            error.code, error.message
+                        )));
+                    }
+                    other => {
+                        return Err(Refusal::new(
+                            ErrorCode::BadFrame,
+                            format!("a primary may not send {:?}", other.kind()),
+                        ));
+                    }
+                }
+            }
+            self.pump();
+        }
+    }
+
+    /// Offers an update to the core, waiting (without reading further
+    /// frames) while the log is full: backpressure on the primary.
+    async fn offer(
+        self: &Rc<Self>,
+        header: UpdateHeader,
+        record: RecordRef,
+        outbox: &Rc<Outbox>,
+    ) -> Result<(), Refusal> {
+        let incoming = IncomingUpdate {
+            seq: header.seq,
+            epoch: header.epoch,
+            offset_bytes: header.offset_bytes,
+            length_bytes: header.length_bytes,
+            fua: header.fua(),
+            all_acked_seq: header.all_acked_seq,
+        };
+        let mut record = record;
+        loop {
+            let space = self.space.notified();
+            let offer = self
+                .core
+                .borrow_mut()
+                .offer_update(incoming, record, self.now_ms());
+            match offer.map_err(Refusal::from_update)? {
+                Offer::Accepted => return Ok(()),
+                Offer::LogFull(returned) => {
+                    record = returned;
+                    self.pump();
+                    tracing::debug!(
+                        seq = header.seq,
+                        "log full: waiting for the start-of-log pointer to move"
+                    );
+                    space.await;
+                    if !self.is_current(outbox) {
+                        return Err(Refusal::quiet("replaced by a newer primary connection"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Executes the core's actions until it has none.
+    fn pump(self: &Rc<Self>) {
+        let mut writes: Vec<(u64, u64, RecordRef)> = Vec::new();
+        loop {
+            let Some(action) = self.core.borrow_mut().poll_action() else {
+                break;
+            };
+            match action {
+                Action::WriteRecord {
+                    seq,
+                    ring_offset,
+                    payload,
+                    ..
+                } => writes.push((seq, ring_offset, payload)),
+                Action::SyncLog { through_seq } => {
+                    let node = self.clone();
+                    tokio_uring::spawn(async move {
+                        match node.log_direct.sync_data().await {
+                            Ok(()) => {
+                                node.core
+                                    .borrow_mut()
+                                    .log_synced(through_seq, node.now_ms());
+                                node.pump();
+                            }
+                            Err(error) => {
+                                node.fail(format!("fdatasync of the log failed: {error}"))
+                            }
+                        }
+                    });
+                }
+                Action::SendAck {
+                    logged_seq,
+                    durable_seq,
+                } => {
+                    if let Some((_, outbox)) = self.session.borrow().as_ref() {
+                        outbox.send_frame(&Frame::Ack(crate::proto::Ack {
+                            logged_seq,
+                            durable_seq,
+                        }));
+                    }
+                }
+                Action::Apply {
+                    seq,
+                    offset_bytes,
+                    payload,
+                } => {
+                    let node = self.clone();
+                    tokio_uring::spawn(async move {
+                        let length = payload.length_bytes as usize;
+                        let data = payload.slice(
+                            RECORD_PAYLOAD_OFFSET_BYTES..RECORD_PAYLOAD_OFFSET_BYTES + length,
+                        );
+                        let (result, _) = node.copy.write_all_at(data, offset_bytes).await;
+                        match result {
+                            Ok(()) => {
+                                node.core.borrow_mut().applied(seq, node.now_ms());
+                                node.pump();
+                            }
+                            Err(error) => {
+                                node.fail(format!("applying seq {seq} to the copy failed: {error}"))
+                            }
+                        }
+                    });
+                }
+                Action::SyncCopy { through_seq } => {
+                    let node = self.clone();
+                    tokio_uring::spawn(async move {
+                        match node.copy.sync_data().await {
+                            Ok(()) => {
+                                node.core
+                                    .borrow_mut()
+                                    .copy_synced(through_seq, node.now_ms());
+                                node.pump();
+                            }
+                            Err(error) => {
+                                node.fail(format!("fdatasync of the copy failed: {error}"))
+                            }
+                        }
+                    });
+                }
+                Action::PersistStart {
+                    start_offset,
+                    start_seq,
+                } => {
+                    // A header write and sync: rare (batched clearing), so it
+                    // runs inline rather than through the ring.
+                    let persisted = self.log.borrow_mut().persist_header(|header| {
+                        header.start_offset = start_offset;
+                        header.start_seq = start_seq;
+                    });
+                    match persisted {
+                        Ok(()) => {
+                            self.core.borrow_mut().start_persisted(self.now_ms());
+                            self.space.notify_waiters();
+                        }
+                        Err(error) => {
+                            self.fail(format!(
+                                "persisting the start-of-log pointer failed: {error}"
+                            ));
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        self.write_records(writes);
+    }
+
+    /// Writes records, merging runs adjacent in the ring into one vectored
+    /// write (group commit).
+    fn write_records(self: &Rc<Self>, writes: Vec<(u64, u64, RecordRef)>) {
+        let ring_len = self.log.borrow().ring_len_bytes();
+        let mut batch: Vec<(u64, u64, RecordRef)> = Vec::new();
+        for write in writes {
+            let size = write.2.buf.len() as u64;
+            let adjacent = batch
+                .last()
+                .is_some_and(|(_, offset, record)| offset + record.buf.len() as u64 == write.1);
+            if !adjacent || batch.len() == RECORD_WRITE_BATCH_MAX {
+                self.spawn_batch(std::mem::take(&mut batch), ring_len);
+            }
+            if write.1 + size > ring_len {
+                // A record that wraps is written in two pieces, on its own.
+                self.spawn_batch(std::mem::take(&mut batch), ring_len);
+                self.spawn_batch(vec![write], ring_len);
+            } else {
+                batch.push(write);
+            }
+        }
+        self.spawn_batch(batch, ring_len);
+    }
+
+    fn spawn_batch(self: &Rc<Self>, batch: Vec<(u64, u64, RecordRef)>, ring_len: u64) {
+        if batch.is_empty() {
+            return;
+        }
+        let node = self.clone();
+        tokio_uring::spawn(async move {
+            let seqs: Vec<u64> = batch.iter().map(|(seq, _, _)| *seq).collect();
+            let ring_offset = batch[0].1;
+            let result = node.write_batch(ring_offset, batch, ring_len).await;
+            match result {
+                Ok(()) => {
+                    let now = node.now_ms();
+                    for seq in seqs {
+                        node.core.borrow_mut().record_written(seq, now);
+                    }
+                    node.pump();
+                }
+                Err(error) => node.fail(format!("writing log records {seqs:?} failed: {error}")),
+            }
+        });
+    }
+
+    async fn write_batch(
+        &self,
+        ring_offset: u64,
+        batch: Vec<(u64, u64, RecordRef)>,
+        ring_len: u64,
+    ) -> std::io::Result<()> {
+        let file_offset = LogFile::ring_file_offset(ring_offset);
+        if batch.len() == 1 {
+            let record = batch.into_iter().next().expect("one record").2;
+            let size = record.buf.len() as u64;
+            let (first, second) = wal::split_at_wrap(ring_offset, size, ring_len);
+            let (result, record) = self
+                .log_direct
+                .write_all_at(record.slice(..first as usize), file_offset)
+                .await;
+            result?;
+            if second > 0 {
+                let record = record.into_inner();
+                let (result, _) = self
+                    .log_direct
+                    .write_all_at(record.slice(first as usize..), LogFile::ring_file_offset(0))
+                    .await;
+                result?;
+            }
+            return Ok(());
+        }
+        let buffers: Vec<RecordRef> = batch.into_iter().map(|(_, _, record)| record).collect();
+        let size: u64 = buffers.iter().map(|record| record.buf.len() as u64).sum();
+        assert!(ring_offset + size <= ring_len, "a merged write never wraps");
+        let (result, _) = self
+            .log_direct
+            .writev_at_all(buffers, Some(file_offset))
+            .await;
+        result.map(|_| ())
+    }
+}
+
+/// Builds the log record for an update: the payload copied once from the
+/// receive buffer into an aligned buffer, behind its record header.
+fn build_record(header: &UpdateHeader, data: &[u8]) -> RecordRef {
+    let size = wal::record_size_bytes(header.length_bytes) as usize;
+    let mut buf = AlignedBuf::zeroed(size);
+    let (head, rest) = buf.as_mut_slice().split_at_mut(RECORD_PAYLOAD_OFFSET_BYTES);
+    rest[..data.len()].copy_from_slice(data);
+    let record = RecordHeader {
+        seq: header.seq,
+        epoch: header.epoch,
+        offset_bytes: header.offset_bytes,
+        length_bytes: header.length_bytes,
+        flags: if header.fua() {
+            wal::RECORD_FLAG_FUA
+        } else {
+            0
+        },
+    };
+    record.encode(&rest[..data.len()], head);
+    RecordRef {
+        buf: Rc::new(buf),
+        length_bytes: header.length_bytes,
+    }
+}
+
+/// Why a session ends: what to log, and the Error frame to send, if any.
+struct Refusal {
+    reason: String,
+    frame: Option<ErrorFrame>,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, reason: String) -> Refusal {
+        Refusal {
+            frame: Some(ErrorFrame::new(code, reason.clone())),
+            reason,
+        }
+    }
+
+    fn quiet(reason: impl Into<String>) -> Refusal {
+        Refusal {
+            reason: reason.into(),
+            frame: None,
+        }
+    }
+
+    fn from_net(error: crate::net::NetError) -> Refusal {
+        match error {
+            crate::net::NetError::Proto { source, .. } => {
+                Refusal::new(source.error_code(), source.to_string())
+            }
+            other => Refusal::quiet(other.to_string()),
+        }
+    }
+
+    fn from_update(error: crate::core::secondary::UpdateError) -> Refusal {
+        use crate::core::secondary::UpdateError;
+        let code = match error {
+            UpdateError::StaleEpoch { .. } => ErrorCode::StaleEpoch,
+            UpdateError::OutOfRange { .. } => ErrorCode::OutOfRange,
+            UpdateError::OutOfOrder { .. } | UpdateError::AllAckedBeyondLog { .. } => {
+                ErrorCode::OutOfSync
+            }
+        };
+        Refusal::new(code, error.to_string())
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}

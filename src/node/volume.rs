@@ -1,0 +1,252 @@
+//! The volume API: the one door into the primary.
+//!
+//! [`Volume::start`] runs the primary's engine on a thread of its own (a
+//! tokio-uring runtime); requests are sent to it over a bounded channel and
+//! complete through a oneshot each, so any async runtime (a test's, the
+//! benchmark's, a ublk queue's) can drive it. A write completes only when the
+//! primary's copy and every secondary of its set hold it; a flush, or a FUA
+//! write, only when that is durable everywhere.
+
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+use super::error::NodeError;
+use super::primary;
+use crate::buf::{AlignedBuf, SharedBuf};
+use crate::config::Config;
+use crate::core::primary::RequestError;
+
+/// Most requests queued between callers and the engine; callers wait
+/// beyond it (the engine's window is the real bound on work in flight).
+pub const SUBMIT_QUEUE_MAX: usize = 4096;
+
+/// Why a request failed.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum VolumeError {
+    /// The request was refused or failed in the core.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// Reading the primary's copy failed.
+    #[error("read at offset {offset_bytes} failed: {reason}")]
+    Read {
+        /// Offset read.
+        offset_bytes: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A read not aligned to the block size, or past the end.
+    #[error("read at offset {offset_bytes} of {length_bytes} bytes is misaligned or past the end of the volume")]
+    BadRead {
+        /// Offset asked for.
+        offset_bytes: u64,
+        /// Length asked for.
+        length_bytes: u32,
+    },
+    /// The engine has stopped.
+    #[error("the volume is stopped")]
+    Stopped,
+}
+
+/// A payload handed to the engine: the data once, and its crc32, computed on
+/// the caller's thread and reused for every secondary's frame.
+#[derive(Clone, Debug)]
+pub struct Payload {
+    /// The data, page-aligned for O_DIRECT.
+    pub buf: SharedBuf,
+    /// crc32 of the data.
+    pub crc32: u32,
+}
+
+/// What the engine reports about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeStatus {
+    /// The seq the next write gets.
+    pub next_seq: u64,
+    /// Every update up to here is acked by every member of its set.
+    pub all_acked_seq: u64,
+    /// Updates in the window.
+    pub in_flight: usize,
+    /// Per secondary (config order): node id and whether it is connected.
+    pub members: Vec<(u32, bool)>,
+}
+
+pub(crate) enum Command {
+    Write {
+        offset_bytes: u64,
+        payload: Payload,
+        fua: bool,
+        reply: oneshot::Sender<Result<(), VolumeError>>,
+    },
+    Flush {
+        reply: oneshot::Sender<Result<(), VolumeError>>,
+    },
+    Read {
+        offset_bytes: u64,
+        length_bytes: u32,
+        reply: oneshot::Sender<Result<AlignedBuf, VolumeError>>,
+    },
+    Status {
+        reply: oneshot::Sender<VolumeStatus>,
+    },
+}
+
+/// A running primary.
+pub struct Volume {
+    commands: Option<mpsc::Sender<Command>>,
+    thread: Option<JoinHandle<Result<(), NodeError>>>,
+    size_bytes: u64,
+    block_size_bytes: u32,
+}
+
+impl Volume {
+    /// Starts node `node_id` of `config` as the primary: opens its copy,
+    /// connects to every other node as a secondary (waiting up to
+    /// `startup_timeout_ms` for them) and returns once it takes requests.
+    pub fn start(config: &Config, node_id: u32) -> Result<Volume, NodeError> {
+        let (commands, receiver) = mpsc::channel(SUBMIT_QUEUE_MAX);
+        let (ready, started) = std::sync::mpsc::channel();
+        let engine_config = config.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("replblk-primary-{node_id}"))
+            .spawn(move || primary::run(engine_config, node_id, receiver, ready))
+            .map_err(|source| {
+                NodeError::io(
+                    std::path::Path::new("."),
+                    "spawning the engine thread",
+                    source,
+                )
+            })?;
+        match started.recv() {
+            Ok(()) => Ok(Volume {
+                commands: Some(commands),
+                thread: Some(thread),
+                size_bytes: config.volume.size_bytes,
+                block_size_bytes: config.volume.block_size_bytes,
+            }),
+            // The engine dropped `ready` without a word: it failed to start.
+            Err(_) => Err(thread
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(NodeError::Fatal {
+                        reason: "the engine thread panicked".into(),
+                    })
+                })
+                .err()
+                .unwrap_or(NodeError::Fatal {
+                    reason: "the engine stopped during start-up".into(),
+                })),
+        }
+    }
+
+    /// Size of the volume in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    /// Logical block size.
+    pub fn block_size_bytes(&self) -> u32 {
+        self.block_size_bytes
+    }
+
+    async fn send(&self, command: Command) -> Result<(), VolumeError> {
+        let commands = self.commands.as_ref().ok_or(VolumeError::Stopped)?;
+        commands
+            .send(command)
+            .await
+            .map_err(|_| VolumeError::Stopped)
+    }
+
+    /// Writes `data` at `offset_bytes`; with `fua`, completes only once
+    /// durable everywhere.
+    pub async fn write(
+        &self,
+        offset_bytes: u64,
+        data: SharedBuf,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        let crc32 = crate::proto::data_crc32(data.as_slice());
+        let (reply, done) = oneshot::channel();
+        let payload = Payload { buf: data, crc32 };
+        self.send(Command::Write {
+            offset_bytes,
+            payload,
+            fua,
+            reply,
+        })
+        .await?;
+        done.await.map_err(|_| VolumeError::Stopped)?
+    }
+
+    /// Completes once every write completed before it is durable on every
+    /// replica.
+    pub async fn flush(&self) -> Result<(), VolumeError> {
+        let (reply, done) = oneshot::channel();
+        self.send(Command::Flush { reply }).await?;
+        done.await.map_err(|_| VolumeError::Stopped)?
+    }
+
+    /// Reads from the primary's copy.
+    pub async fn read(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u32,
+    ) -> Result<AlignedBuf, VolumeError> {
+        let block = u64::from(self.block_size_bytes);
+        let end = offset_bytes.checked_add(u64::from(length_bytes));
+        if length_bytes == 0
+            || !offset_bytes.is_multiple_of(block)
+            || !u64::from(length_bytes).is_multiple_of(block)
+            || end.is_none_or(|end| end > self.size_bytes)
+        {
+            return Err(VolumeError::BadRead {
+                offset_bytes,
+                length_bytes,
+            });
+        }
+        let (reply, done) = oneshot::channel();
+        self.send(Command::Read {
+            offset_bytes,
+            length_bytes,
+            reply,
+        })
+        .await?;
+        done.await.map_err(|_| VolumeError::Stopped)?
+    }
+
+    /// The engine's state.
+    pub async fn status(&self) -> Result<VolumeStatus, VolumeError> {
+        let (reply, done) = oneshot::channel();
+        self.send(Command::Status { reply }).await?;
+        done.await.map_err(|_| VolumeError::Stopped)
+    }
+
+    /// Stops the primary cleanly: requests already submitted complete, the
+    /// final all-acked point reaches every connected secondary, the copy is
+    /// synced. Blocks until done.
+    pub fn stop(mut self) -> Result<(), NodeError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), NodeError> {
+        // Closing the channel is the stop signal.
+        self.commands.take();
+        match self.thread.take() {
+            Some(thread) => thread.join().unwrap_or_else(|_| {
+                Err(NodeError::Fatal {
+                    reason: "the engine thread panicked".into(),
+                })
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        if let Err(error) = self.shutdown() {
+            tracing::error!(%error, "primary stopped with an error");
+        }
+    }
+}

@@ -1,0 +1,671 @@
+//! The log file on disk: creating, opening, writing the header and records.
+//!
+//! Two descriptors on one file. The ring goes through an O_DIRECT fd, so a
+//! record write completes when the device has the bytes and nothing of the
+//! log crowds the page cache. The header page goes through an ordinary fd
+//! with pwrite + fdatasync: write(2) copies into the page-cache page under
+//! the page lock, so writeback sees either the old or the new header,
+//! never a mix. (A store into a shared mmap of the page takes no such lock
+//! and can race writeback, leaving half a header on disk, which is why the
+//! header is not written through a mapping.) The ordinary fd also holds an
+//! exclusive flock, so two daemons never append to one log.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::buf::{round_up, AlignedBuf, PAGE_SIZE_BYTES};
+
+use super::error::WalError;
+use super::format::{
+    check_log_size, split_at_wrap, LogHeader, LOG_ALIGN_BYTES, LOG_HEADER_SIZE_BYTES,
+    RECORD_SEQ_FIRST,
+};
+use super::recovery::RingRead;
+
+/// Largest single read the ring reader's bounce buffer serves; only used
+/// for callers whose buffer is not page aligned.
+const RING_READ_BOUNCE_BYTES: u64 = 256 * 1024;
+
+/// An open write-ahead log: the header state in memory and the descriptors
+/// to change it and to write the ring.
+#[derive(Debug)]
+pub struct LogFile {
+    path: PathBuf,
+    header: LogHeader,
+    /// Ordinary fd for the header page; its flock marks the log as ours.
+    header_fd: Flock<File>,
+    /// O_DIRECT fd for the ring.
+    direct: File,
+    /// Set after a failed write or fsync; see [`WalError::Poisoned`].
+    failed: AtomicBool,
+}
+
+impl LogFile {
+    /// Creates (or truncates) a log of `log_size_bytes` at `path`: a valid
+    /// header with start_offset 0 and start_seq 1, a zeroed first ring page
+    /// so the scan finds an empty log, all made durable.
+    pub fn create(
+        path: impl AsRef<Path>,
+        volume_uuid: [u8; 16],
+        node_id: u32,
+        log_size_bytes: u64,
+        epoch: u64,
+    ) -> Result<LogFile, WalError> {
+        let path = path.as_ref();
+        check_log_size(log_size_bytes).map_err(|e| e.at(path))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| WalError::io(path, "creating the log file", e))?;
+        // Lock before truncating: a log another daemon is using must not be
+        // wiped under it.
+        let header_fd = lock(path, file)?;
+        header_fd
+            .set_len(0)
+            .and_then(|()| header_fd.set_len(log_size_bytes))
+            .map_err(|e| WalError::io(path, "sizing the log file", e))?;
+        let direct = open_direct(path)?;
+        let log = LogFile {
+            path: path.to_path_buf(),
+            header: LogHeader {
+                volume_uuid,
+                node_id,
+                log_size_bytes,
+                epoch,
+                start_offset: 0,
+                start_seq: RECORD_SEQ_FIRST,
+                header_generation: 1,
+            },
+            header_fd,
+            direct,
+            failed: AtomicBool::new(false),
+        };
+        let zero_page = AlignedBuf::zeroed(PAGE_SIZE_BYTES);
+        log.direct
+            .write_all_at(zero_page.as_slice(), LogFile::ring_file_offset(0))
+            .map_err(|e| WalError::io(path, "zeroing the first ring page", e))?;
+        log.write_header_page(&log.header)?;
+        // sync_all, not sync_data: the new length is metadata.
+        log.header_fd
+            .sync_all()
+            .map_err(|e| WalError::io(path, "fsync of the new log", e))?;
+        sync_parent_dir(path)?;
+        Ok(log)
+    }
+
+    /// Opens an existing log, refusing one that belongs to another volume
+    /// or node, or whose length disagrees with its header.
+    pub fn open(
+        path: impl AsRef<Path>,
+        expected_volume_uuid: [u8; 16],
+        expected_node_id: u32,
+    ) -> Result<LogFile, WalError> {
+        let path = path.as_ref();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| WalError::io(path, "opening the log file", e))?;
+        let mut header_fd = lock(path, file)?;
+        // Seeking to the end measures block devices too, where the
+        // metadata length is 0.
+        let file_len = header_fd
+            .seek(SeekFrom::End(0))
+            .map_err(|e| WalError::io(path, "measuring the log file", e))?;
+        if file_len < LOG_HEADER_SIZE_BYTES {
+            return Err(WalError::field(
+                "file length",
+                file_len,
+                format!(">= {LOG_HEADER_SIZE_BYTES} bytes (one header page)"),
+            )
+            .at(path));
+        }
+        let mut page = vec![0u8; LOG_HEADER_SIZE_BYTES as usize];
+        header_fd
+            .read_exact_at(&mut page, 0)
+            .map_err(|e| WalError::io(path, "reading the log header", e))?;
+        let header = LogHeader::decode(&page).map_err(|e| e.at(path))?;
+        if header.volume_uuid != expected_volume_uuid {
+            return Err(WalError::WrongVolume {
+                path: path.to_path_buf(),
+                found: header.volume_uuid,
+                expected: expected_volume_uuid,
+            });
+        }
+        if header.node_id != expected_node_id {
+            return Err(WalError::WrongNode {
+                path: path.to_path_buf(),
+                found: header.node_id,
+                expected: expected_node_id,
+            });
+        }
+        if header.log_size_bytes != file_len {
+            return Err(WalError::SizeMismatch {
+                path: path.to_path_buf(),
+                found: file_len,
+                expected: header.log_size_bytes,
+            });
+        }
+        let direct = open_direct(path)?;
+        Ok(LogFile {
+            path: path.to_path_buf(),
+            header,
+            header_fd,
+            direct,
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    /// The header as last persisted.
+    pub fn header(&self) -> LogHeader {
+        self.header
+    }
+
+    /// The log file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Length of the ring area.
+    pub fn ring_len_bytes(&self) -> u64 {
+        self.header.ring_len_bytes()
+    }
+
+    /// File offset of a ring offset.
+    pub fn ring_file_offset(ring_offset: u64) -> u64 {
+        LOG_HEADER_SIZE_BYTES + ring_offset
+    }
+
+    /// A reader of the ring for the recovery scan (blocking preads on the
+    /// O_DIRECT fd).
+    pub fn ring_reader(&self) -> RingReader<'_> {
+        RingReader {
+            file: &self.direct,
+            path: &self.path,
+            ring_len: self.header.ring_len_bytes(),
+            bounce: None,
+        }
+    }
+
+    /// Changes the header with `update`, bumps header_generation and makes
+    /// the new header durable before returning.
+    ///
+    /// Blocks for a write and an fdatasync; the daemon calls it from its
+    /// clearing path, where one fsync per batch of cleared records is the
+    /// point. The in-memory header changes only once the new one is durable.
+    pub fn persist_header(&mut self, update: impl FnOnce(&mut LogHeader)) -> Result<(), WalError> {
+        self.check_not_failed()?;
+        let mut next = self.header;
+        update(&mut next);
+        // Identity and geometry are fixed at create; changing them here would
+        // make the next open refuse the log or misplace the ring's end.
+        assert_eq!(next.volume_uuid, self.header.volume_uuid);
+        assert_eq!(next.node_id, self.header.node_id);
+        assert_eq!(next.log_size_bytes, self.header.log_size_bytes);
+        next.header_generation = self.header.header_generation + 1;
+        self.write_header_page(&next)?;
+        self.header_fd.sync_data().map_err(|e| {
+            self.failed.store(true, Ordering::Relaxed);
+            WalError::io(&self.path, "fdatasync of the log header", e)
+        })?;
+        self.header = next;
+        Ok(())
+    }
+
+    /// A second descriptor of the O_DIRECT fd, for the async driver
+    /// (`tokio_uring::fs::File::from_std`).
+    pub fn direct_file(&self) -> io::Result<File> {
+        self.direct.try_clone()
+    }
+
+    /// Writes one record (built by [`super::build_record`]) at `ring_offset`,
+    /// splitting it where it wraps past the end of the ring. Not durable
+    /// until [`LogFile::sync_blocking`].
+    pub fn write_record_blocking(
+        &self,
+        ring_offset: u64,
+        record: &AlignedBuf,
+    ) -> Result<(), WalError> {
+        self.check_not_failed()?;
+        let ring_len = self.header.ring_len_bytes();
+        let size = record.len() as u64;
+        assert!(
+            size.is_multiple_of(LOG_ALIGN_BYTES),
+            "record of {size} bytes is not page padded"
+        );
+        assert!(ring_offset.is_multiple_of(LOG_ALIGN_BYTES) && ring_offset < ring_len);
+        let (first, second) = split_at_wrap(ring_offset, size, ring_len);
+        let (head, tail) = record.as_slice().split_at(first as usize);
+        let mut result = self
+            .direct
+            .write_all_at(head, LogFile::ring_file_offset(ring_offset));
+        if result.is_ok() && second > 0 {
+            result = self.direct.write_all_at(tail, LogFile::ring_file_offset(0));
+        }
+        result.map_err(|e| {
+            self.failed.store(true, Ordering::Relaxed);
+            WalError::io(&self.path, "writing a record", e)
+        })
+    }
+
+    /// fdatasync of the ring: afterwards every completed record write is
+    /// durable and may be acknowledged.
+    pub fn sync_blocking(&self) -> Result<(), WalError> {
+        self.check_not_failed()?;
+        self.direct.sync_data().map_err(|e| {
+            self.failed.store(true, Ordering::Relaxed);
+            WalError::io(&self.path, "fdatasync of the ring", e)
+        })
+    }
+
+    fn check_not_failed(&self) -> Result<(), WalError> {
+        if self.failed.load(Ordering::Relaxed) {
+            return Err(WalError::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn write_header_page(&self, header: &LogHeader) -> Result<(), WalError> {
+        // The whole page, so its unused bytes are zero whatever was there.
+        let mut page = vec![0u8; LOG_HEADER_SIZE_BYTES as usize];
+        header.encode(&mut page);
+        self.header_fd.write_all_at(&page, 0).map_err(|e| {
+            self.failed.store(true, Ordering::Relaxed);
+            WalError::io(&self.path, "writing the log header", e)
+        })
+    }
+}
+
+fn lock(path: &Path, file: File) -> Result<Flock<File>, WalError> {
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| WalError::Locked {
+        path: path.to_path_buf(),
+        source: io::Error::from(errno),
+    })
+}
+
+fn open_direct(path: &Path) -> Result<File, WalError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| {
+            // EINVAL here means the filesystem (e.g. tmpfs) has no O_DIRECT.
+            WalError::io(path, "opening the log with O_DIRECT", e)
+        })
+}
+
+fn sync_parent_dir(path: &Path) -> Result<(), WalError> {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    File::open(parent)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|e| WalError::io(path, "fsync of the log's directory", e))
+}
+
+/// Reads ring spans with blocking preads on the log's O_DIRECT fd.
+#[derive(Debug)]
+pub struct RingReader<'a> {
+    file: &'a File,
+    path: &'a Path,
+    ring_len: u64,
+    /// Allocated on first use by an unaligned caller.
+    bounce: Option<AlignedBuf>,
+}
+
+impl RingRead for RingReader<'_> {
+    fn read_ring(&mut self, ring_offset: u64, out: &mut [u8]) -> io::Result<()> {
+        let len = out.len() as u64;
+        assert!(
+            ring_offset + len <= self.ring_len,
+            "ring read past the end of the ring"
+        );
+        let align = LOG_ALIGN_BYTES;
+        let aligned = ring_offset.is_multiple_of(align)
+            && len.is_multiple_of(align)
+            && (out.as_ptr() as usize).is_multiple_of(PAGE_SIZE_BYTES);
+        if aligned {
+            // The scanner's buffers take this path: straight into place.
+            return self
+                .file
+                .read_exact_at(out, LogFile::ring_file_offset(ring_offset));
+        }
+        let bounce = self
+            .bounce
+            .get_or_insert_with(|| AlignedBuf::zeroed(RING_READ_BOUNCE_BYTES as usize));
+        let span_end = round_up(ring_offset + len, align);
+        let mut chunk_start = ring_offset - ring_offset % align;
+        while chunk_start < span_end {
+            let chunk_len = (span_end - chunk_start).min(RING_READ_BOUNCE_BYTES);
+            let chunk = &mut bounce.as_mut_slice()[..chunk_len as usize];
+            self.file
+                .read_exact_at(chunk, LogFile::ring_file_offset(chunk_start))?;
+            let from = ring_offset.max(chunk_start);
+            let to = (ring_offset + len).min(chunk_start + chunk_len);
+            if from < to {
+                out[(from - ring_offset) as usize..(to - ring_offset) as usize].copy_from_slice(
+                    &chunk[(from - chunk_start) as usize..(to - chunk_start) as usize],
+                );
+            }
+            chunk_start += chunk_len;
+        }
+        Ok(())
+    }
+
+    fn source_path(&self) -> Option<&Path> {
+        Some(self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::format::{
+        build_record, RecordHeader, LOG_SIZE_MIN_BYTES, RECORD_FLAG_FUA, RECORD_SIZE_MAX_BYTES,
+    };
+    use crate::wal::recovery::{scan, ScanOutcome, StopReason};
+
+    const UUID: [u8; 16] = [0xab; 16];
+    const NODE: u32 = 7;
+    const EPOCH: u64 = 4;
+
+    fn new_log(dir: &tempfile::TempDir) -> LogFile {
+        LogFile::create(
+            dir.path().join("log"),
+            UUID,
+            NODE,
+            LOG_SIZE_MIN_BYTES,
+            EPOCH,
+        )
+        .unwrap()
+    }
+
+    fn payload(seq: u64, len: u32) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_add(seq as u8))
+            .collect()
+    }
+
+    /// Appends a record at `tail`, returning the next tail.
+    fn append(log: &LogFile, tail: u64, seq: u64, len: u32) -> u64 {
+        let header = RecordHeader {
+            seq,
+            epoch: EPOCH,
+            offset_bytes: seq * 512,
+            length_bytes: len,
+            flags: if seq.is_multiple_of(2) {
+                RECORD_FLAG_FUA
+            } else {
+                0
+            },
+        };
+        let record = build_record(&header, &payload(seq, len));
+        log.write_record_blocking(tail, &record).unwrap();
+        (tail + record.len() as u64) % log.ring_len_bytes()
+    }
+
+    fn scan_all(log: &LogFile) -> (ScanOutcome, Vec<(u64, u32)>) {
+        let mut seen = Vec::new();
+        let outcome = scan(&log.header(), &mut log.ring_reader(), |r, p| {
+            assert_eq!(p, &payload(r.seq, r.length_bytes)[..]);
+            seen.push((r.seq, r.length_bytes));
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .unwrap();
+        (outcome, seen)
+    }
+
+    #[test]
+    fn create_then_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let created = new_log(&dir).header();
+        let log = LogFile::open(&path, UUID, NODE).unwrap();
+        assert_eq!(log.header(), created);
+        assert_eq!(created.start_offset, 0);
+        assert_eq!(created.start_seq, 1);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), LOG_SIZE_MIN_BYTES);
+        let (outcome, seen) = scan_all(&log);
+        assert!(seen.is_empty());
+        assert!(matches!(
+            outcome.stop,
+            StopReason::EndOfLog { ring_offset: 0 }
+        ));
+        assert_eq!(outcome.next_seq, 1);
+    }
+
+    #[test]
+    fn create_refuses_a_bad_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = LogFile::create(
+            dir.path().join("log"),
+            UUID,
+            NODE,
+            LOG_SIZE_MIN_BYTES - 4096,
+            1,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            WalError::BadField {
+                field: "log_size_bytes",
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("/log: log_size_bytes is"), "{err}");
+    }
+
+    #[test]
+    fn open_refuses_another_volume_node_or_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        drop(new_log(&dir));
+
+        let err = LogFile::open(&path, [0xcd; 16], NODE).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, WalError::WrongVolume { .. }));
+        assert!(
+            text.starts_with(&format!("log {}: volume uuid abababab-", path.display())),
+            "{text}"
+        );
+        assert!(
+            text.contains("belongs to another volume (expected cdcdcdcd-"),
+            "{text}"
+        );
+
+        let err = LogFile::open(&path, UUID, NODE + 1).unwrap_err();
+        assert!(
+            matches!(err, WalError::WrongNode { found: NODE, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("node id 7"));
+
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(LOG_SIZE_MIN_BYTES + 4096).unwrap();
+        let err = LogFile::open(&path, UUID, NODE).unwrap_err();
+        assert!(matches!(err, WalError::SizeMismatch { .. }), "{err}");
+
+        file.write_all_at(&[0xff], 3).unwrap();
+        let err = LogFile::open(&path, UUID, NODE).unwrap_err();
+        assert!(
+            matches!(err, WalError::BadField { field: "magic", .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&path.display().to_string()));
+
+        file.set_len(100).unwrap();
+        let err = LogFile::open(&path, UUID, NODE).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WalError::BadField {
+                    field: "file length",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_log_has_one_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = new_log(&dir);
+        let err = LogFile::open(log.path(), UUID, NODE).unwrap_err();
+        assert!(matches!(err, WalError::Locked { .. }), "{err}");
+        drop(log);
+        LogFile::open(dir.path().join("log"), UUID, NODE).unwrap();
+    }
+
+    #[test]
+    fn records_wrap_and_start_advances() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = new_log(&dir);
+        let ring_len = log.ring_len_bytes();
+        let big = 1_000_000;
+        let mut tail = 0;
+        let mut offsets = Vec::new();
+        for seq in 1..=4 {
+            offsets.push(tail);
+            tail = append(&log, tail, seq, big);
+        }
+        log.sync_blocking().unwrap();
+        let (outcome, seen) = scan_all(&log);
+        assert_eq!(seen, vec![(1, big), (2, big), (3, big), (4, big)]);
+        assert_eq!(outcome.tail_offset, tail);
+        assert_eq!(outcome.next_seq, 5);
+
+        // Clear seq 1 to 3, then append a record that runs past the end.
+        log.persist_header(|h| {
+            h.start_offset = offsets[3];
+            h.start_seq = 4;
+        })
+        .unwrap();
+        assert_eq!(log.header().header_generation, 2);
+        let wrapping = tail;
+        tail = append(&log, tail, 5, big);
+        tail = append(&log, tail, 6, 70_000);
+        assert!(wrapping + record_size(big) > ring_len, "seq 5 must wrap");
+        assert!(tail < wrapping);
+        log.sync_blocking().unwrap();
+
+        let path = log.path().to_path_buf();
+        drop(log);
+        let log = LogFile::open(&path, UUID, NODE).unwrap();
+        assert_eq!(log.header().start_seq, 4);
+        assert_eq!(log.header().header_generation, 2);
+        let (outcome, seen) = scan_all(&log);
+        assert_eq!(seen, vec![(4, big), (5, big), (6, 70_000)]);
+        assert_eq!(outcome.tail_offset, tail);
+        assert_eq!(outcome.next_seq, 7);
+        assert_eq!(outcome.records, 3);
+        assert!(outcome.stop.is_clean(), "{}", outcome.stop);
+    }
+
+    fn record_size(len: u32) -> u64 {
+        crate::wal::format::record_size_bytes(len)
+    }
+
+    #[test]
+    fn torn_last_record_stops_the_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = new_log(&dir);
+        let mut tail = 0;
+        for seq in 1..=2 {
+            tail = append(&log, tail, seq, 5000);
+        }
+        let torn_at = tail;
+        append(&log, tail, 3, 20_000);
+        // Only the first page of seq 3 reached the disk.
+        let zero = AlignedBuf::zeroed(PAGE_SIZE_BYTES);
+        log.direct_file()
+            .unwrap()
+            .write_all_at(zero.as_slice(), LogFile::ring_file_offset(torn_at + 4096))
+            .unwrap();
+        let (outcome, seen) = scan_all(&log);
+        assert_eq!(seen, vec![(1, 5000), (2, 5000)]);
+        assert_eq!(outcome.tail_offset, torn_at);
+        assert_eq!(outcome.next_seq, 3);
+        match &outcome.stop {
+            StopReason::Torn {
+                ring_offset,
+                reason,
+            } => {
+                assert_eq!(*ring_offset, torn_at);
+                assert!(
+                    reason.to_string().contains("record seq 3 crc32"),
+                    "{reason}"
+                );
+                assert_eq!(reason.path(), log.path());
+            }
+            other => panic!("expected a torn record, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn previous_lap_ends_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = new_log(&dir);
+        let ring_len = log.ring_len_bytes();
+        let len = 200_000;
+        let size = record_size(len);
+        // Fill most of the ring, clear it all, and go round again until the
+        // tail is back among the first lap's records.
+        let mut tail = 0;
+        let mut seq = 1;
+        while tail + size <= ring_len {
+            tail = append(&log, tail, seq, len);
+            seq += 1;
+        }
+        let first_lap_last = seq - 1;
+        log.persist_header(|h| {
+            h.start_offset = tail;
+            h.start_seq = seq;
+        })
+        .unwrap();
+        let start = tail;
+        for _ in 0..3 {
+            tail = append(&log, tail, seq, len);
+            seq += 1;
+        }
+        assert!(tail < start, "the second lap must wrap");
+        let (outcome, seen) = scan_all(&log);
+        assert_eq!(seen.len(), 3);
+        assert_eq!(outcome.next_seq, seq);
+        match outcome.stop {
+            StopReason::Stale { found_seq, .. } => assert!(found_seq <= first_lap_last),
+            StopReason::EndOfLog { .. } => {}
+            other => panic!("expected a clean end, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unaligned_reads_use_the_bounce_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = new_log(&dir);
+        let data: Vec<u8> = (0..RECORD_SIZE_MAX_BYTES)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        log.write_record_blocking(0, &AlignedBuf::copy_from(&data))
+            .unwrap();
+        let mut reader = log.ring_reader();
+        for (offset, len) in [(1u64, 10usize), (4095, 2), (1000, 300_000), (0, 4096)] {
+            let mut out = vec![0u8; len + 1];
+            let out = &mut out[1..];
+            reader.read_ring(offset, out).unwrap();
+            assert_eq!(out, &data[offset as usize..offset as usize + len]);
+        }
+    }
+}

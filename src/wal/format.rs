@@ -1,0 +1,693 @@
+//! Byte layout of the log: the header page and the records in the ring.
+//!
+//! Pure encode/decode, no IO, so the same code serves the daemon, the
+//! recovery scan, the tools and the tests. docs/FORMAT.md is the prose
+//! version of this file; keep them in step.
+
+use crate::buf::{round_up, AlignedBuf, PAGE_SIZE_BYTES};
+
+use super::error::WalError;
+
+const U16_SIZE_BYTES: usize = std::mem::size_of::<u16>();
+const U32_SIZE_BYTES: usize = std::mem::size_of::<u32>();
+const U64_SIZE_BYTES: usize = std::mem::size_of::<u64>();
+const UUID_SIZE_BYTES: usize = 16;
+
+/// Granularity of everything in the log file: the header page, record
+/// starts and record sizes. O_DIRECT needs it and it keeps record headers
+/// from straddling the end of the ring.
+pub const LOG_ALIGN_BYTES: u64 = PAGE_SIZE_BYTES as u64;
+
+/// First bytes of a log file.
+pub const LOG_MAGIC: [u8; 8] = *b"RBLKLOG\0";
+/// The only log format version this code reads and writes.
+pub const LOG_FORMAT_VERSION: u32 = 1;
+/// The header page at offset 0; the ring starts right after it.
+pub const LOG_HEADER_SIZE_BYTES: u64 = LOG_ALIGN_BYTES;
+/// Bytes of the header page that carry meaning (the rest stays zero). They
+/// lie inside the first 512-byte sector, whose write we assume atomic.
+pub const LOG_HEADER_USED_BYTES: usize = 128;
+
+const HDR_MAGIC_OFFSET: usize = 0;
+const HDR_VERSION_OFFSET: usize = HDR_MAGIC_OFFSET + LOG_MAGIC.len();
+const HDR_HEADER_SIZE_OFFSET: usize = HDR_VERSION_OFFSET + U32_SIZE_BYTES;
+const HDR_UUID_OFFSET: usize = HDR_HEADER_SIZE_OFFSET + U32_SIZE_BYTES;
+const HDR_NODE_ID_OFFSET: usize = HDR_UUID_OFFSET + UUID_SIZE_BYTES;
+const HDR_RESERVED_OFFSET: usize = HDR_NODE_ID_OFFSET + U32_SIZE_BYTES;
+const HDR_LOG_SIZE_OFFSET: usize = HDR_RESERVED_OFFSET + U32_SIZE_BYTES;
+const HDR_EPOCH_OFFSET: usize = HDR_LOG_SIZE_OFFSET + U64_SIZE_BYTES;
+const HDR_START_OFFSET_OFFSET: usize = HDR_EPOCH_OFFSET + U64_SIZE_BYTES;
+const HDR_START_SEQ_OFFSET: usize = HDR_START_OFFSET_OFFSET + U64_SIZE_BYTES;
+const HDR_GENERATION_OFFSET: usize = HDR_START_SEQ_OFFSET + U64_SIZE_BYTES;
+const HDR_CRC_OFFSET: usize = HDR_GENERATION_OFFSET + U64_SIZE_BYTES;
+const HDR_END_OFFSET: usize = HDR_CRC_OFFSET + U32_SIZE_BYTES;
+const _: () = assert!(HDR_CRC_OFFSET == 80 && HDR_END_OFFSET <= LOG_HEADER_USED_BYTES);
+
+/// `RREC` read as a little-endian u32: the first bytes of every record.
+pub const RECORD_MAGIC: u32 = 0x4345_5252;
+/// Record kind of a replicated write.
+pub const RECORD_KIND_UPDATE: u16 = 1;
+/// Record flag: the primary asked for this write with FUA.
+pub const RECORD_FLAG_FUA: u32 = 1 << 0;
+/// Flags this version knows; a record with any other bit set is refused so
+/// that a newer writer's meaning is never silently dropped.
+pub const RECORD_FLAGS_KNOWN: u32 = RECORD_FLAG_FUA;
+/// Fixed-size header in front of every record's payload.
+pub const RECORD_HEADER_SIZE_BYTES: usize = 64;
+/// Where the payload starts inside a record buffer, so the network path can
+/// receive a payload straight into place and fill the header afterwards.
+pub const RECORD_PAYLOAD_OFFSET_BYTES: usize = RECORD_HEADER_SIZE_BYTES;
+/// Largest payload one record carries.
+pub const RECORD_PAYLOAD_MAX_BYTES: u32 = 1 << 20;
+/// Largest record in the ring, header and padding included.
+pub const RECORD_SIZE_MAX_BYTES: u64 = round_up(
+    RECORD_HEADER_SIZE_BYTES as u64 + RECORD_PAYLOAD_MAX_BYTES as u64,
+    LOG_ALIGN_BYTES,
+);
+/// Smallest log file: the header page and room for four largest records, so
+/// that the writer can keep appending while the oldest are being cleared.
+pub const LOG_SIZE_MIN_BYTES: u64 = LOG_HEADER_SIZE_BYTES + 4 * RECORD_SIZE_MAX_BYTES;
+/// Sequence number of the first record of a new log; 0 is never a seq.
+pub const RECORD_SEQ_FIRST: u64 = 1;
+
+const REC_MAGIC_OFFSET: usize = 0;
+const REC_KIND_OFFSET: usize = REC_MAGIC_OFFSET + U32_SIZE_BYTES;
+const REC_RESERVED1_OFFSET: usize = REC_KIND_OFFSET + U16_SIZE_BYTES;
+const REC_SEQ_OFFSET: usize = REC_RESERVED1_OFFSET + U16_SIZE_BYTES;
+const REC_EPOCH_OFFSET: usize = REC_SEQ_OFFSET + U64_SIZE_BYTES;
+const REC_VOLUME_OFFSET_OFFSET: usize = REC_EPOCH_OFFSET + U64_SIZE_BYTES;
+const REC_LENGTH_OFFSET: usize = REC_VOLUME_OFFSET_OFFSET + U64_SIZE_BYTES;
+const REC_FLAGS_OFFSET: usize = REC_LENGTH_OFFSET + U32_SIZE_BYTES;
+const REC_RESERVED2_OFFSET: usize = REC_FLAGS_OFFSET + U32_SIZE_BYTES;
+const REC_RESERVED2_SIZE_BYTES: usize = 20;
+const REC_CRC_OFFSET: usize = REC_RESERVED2_OFFSET + REC_RESERVED2_SIZE_BYTES;
+const _: () = assert!(REC_CRC_OFFSET == 60);
+const _: () = assert!(REC_CRC_OFFSET + U32_SIZE_BYTES == RECORD_HEADER_SIZE_BYTES);
+
+fn get_u16(bytes: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(bytes[at..at + U16_SIZE_BYTES].try_into().unwrap())
+}
+
+fn get_u32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + U32_SIZE_BYTES].try_into().unwrap())
+}
+
+fn get_u64(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + U64_SIZE_BYTES].try_into().unwrap())
+}
+
+fn put_u16(bytes: &mut [u8], at: usize, value: u16) {
+    bytes[at..at + U16_SIZE_BYTES].copy_from_slice(&value.to_le_bytes());
+}
+
+fn put_u32(bytes: &mut [u8], at: usize, value: u32) {
+    bytes[at..at + U32_SIZE_BYTES].copy_from_slice(&value.to_le_bytes());
+}
+
+fn put_u64(bytes: &mut [u8], at: usize, value: u64) {
+    bytes[at..at + U64_SIZE_BYTES].copy_from_slice(&value.to_le_bytes());
+}
+
+/// Checks a whole log size: page multiple (O_DIRECT, record alignment) and
+/// large enough for [`LOG_SIZE_MIN_BYTES`].
+pub fn check_log_size(log_size_bytes: u64) -> Result<(), WalError> {
+    if !log_size_bytes.is_multiple_of(LOG_ALIGN_BYTES) || log_size_bytes < LOG_SIZE_MIN_BYTES {
+        return Err(WalError::field(
+            "log_size_bytes",
+            log_size_bytes,
+            format!("a multiple of {LOG_ALIGN_BYTES} and >= {LOG_SIZE_MIN_BYTES}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The log's header page: identity, geometry and the start-of-log pointer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogHeader {
+    /// The replicated volume this log belongs to.
+    pub volume_uuid: [u8; 16],
+    /// The node (secondary) whose log this is.
+    pub node_id: u32,
+    /// Size of the whole file, header page included.
+    pub log_size_bytes: u64,
+    /// Highest epoch this node has accepted; records of later epochs are
+    /// refused by the scan.
+    pub epoch: u64,
+    /// Ring offset of the oldest record not yet cleared (page aligned).
+    pub start_offset: u64,
+    /// Seq of the record at `start_offset`, or the next seq to append when
+    /// the log is empty.
+    pub start_seq: u64,
+    /// Incremented at every header write; only for diagnosis.
+    pub header_generation: u64,
+}
+
+impl LogHeader {
+    /// Length of the ring area, the part of the file after the header page.
+    pub fn ring_len_bytes(&self) -> u64 {
+        self.log_size_bytes - LOG_HEADER_SIZE_BYTES
+    }
+
+    /// Writes the header's [`LOG_HEADER_USED_BYTES`] into `page`, checksum
+    /// included. Bytes of `page` past those are left as they are.
+    pub fn encode(&self, page: &mut [u8]) {
+        assert!(
+            page.len() >= LOG_HEADER_USED_BYTES,
+            "log header buffer of {} bytes is too small",
+            page.len()
+        );
+        // A header that fails our own decode must never reach the disk: the
+        // next open would refuse the log.
+        assert!(check_log_size(self.log_size_bytes).is_ok());
+        assert!(self.start_offset.is_multiple_of(LOG_ALIGN_BYTES));
+        assert!(self.start_offset < self.ring_len_bytes());
+        assert!(self.start_seq >= RECORD_SEQ_FIRST);
+
+        let page = &mut page[..LOG_HEADER_USED_BYTES];
+        page.fill(0);
+        page[HDR_MAGIC_OFFSET..HDR_VERSION_OFFSET].copy_from_slice(&LOG_MAGIC);
+        put_u32(page, HDR_VERSION_OFFSET, LOG_FORMAT_VERSION);
+        put_u32(page, HDR_HEADER_SIZE_OFFSET, LOG_HEADER_SIZE_BYTES as u32);
+        page[HDR_UUID_OFFSET..HDR_NODE_ID_OFFSET].copy_from_slice(&self.volume_uuid);
+        put_u32(page, HDR_NODE_ID_OFFSET, self.node_id);
+        put_u64(page, HDR_LOG_SIZE_OFFSET, self.log_size_bytes);
+        put_u64(page, HDR_EPOCH_OFFSET, self.epoch);
+        put_u64(page, HDR_START_OFFSET_OFFSET, self.start_offset);
+        put_u64(page, HDR_START_SEQ_OFFSET, self.start_seq);
+        put_u64(page, HDR_GENERATION_OFFSET, self.header_generation);
+        let crc = crc32fast::hash(&page[..HDR_CRC_OFFSET]);
+        put_u32(page, HDR_CRC_OFFSET, crc);
+    }
+
+    /// Parses and validates a header page (at least
+    /// [`LOG_HEADER_USED_BYTES`] long).
+    pub fn decode(page: &[u8]) -> Result<LogHeader, WalError> {
+        if page.len() < LOG_HEADER_USED_BYTES {
+            return Err(WalError::field(
+                "header length",
+                page.len(),
+                format!(">= {LOG_HEADER_USED_BYTES} bytes"),
+            ));
+        }
+        let magic = &page[HDR_MAGIC_OFFSET..HDR_VERSION_OFFSET];
+        if magic != LOG_MAGIC {
+            return Err(WalError::field(
+                "magic",
+                format!("{magic:02x?}"),
+                format!("{LOG_MAGIC:02x?} (\"RBLKLOG\\0\"); not a replblk log"),
+            ));
+        }
+        let version = get_u32(page, HDR_VERSION_OFFSET);
+        if version != LOG_FORMAT_VERSION {
+            return Err(WalError::field(
+                "format version",
+                version,
+                LOG_FORMAT_VERSION,
+            ));
+        }
+        let found = get_u32(page, HDR_CRC_OFFSET);
+        let computed = crc32fast::hash(&page[..HDR_CRC_OFFSET]);
+        if found != computed {
+            return Err(WalError::BadCrc {
+                path: Default::default(),
+                what: "header".to_string(),
+                found,
+                computed,
+            });
+        }
+        let header_size = get_u32(page, HDR_HEADER_SIZE_OFFSET);
+        if u64::from(header_size) != LOG_HEADER_SIZE_BYTES {
+            return Err(WalError::field(
+                "header_size",
+                header_size,
+                LOG_HEADER_SIZE_BYTES,
+            ));
+        }
+        let reserved = get_u32(page, HDR_RESERVED_OFFSET);
+        if reserved != 0 {
+            return Err(WalError::field("header reserved bytes 36..40", reserved, 0));
+        }
+        let header = LogHeader {
+            volume_uuid: page[HDR_UUID_OFFSET..HDR_NODE_ID_OFFSET]
+                .try_into()
+                .unwrap(),
+            node_id: get_u32(page, HDR_NODE_ID_OFFSET),
+            log_size_bytes: get_u64(page, HDR_LOG_SIZE_OFFSET),
+            epoch: get_u64(page, HDR_EPOCH_OFFSET),
+            start_offset: get_u64(page, HDR_START_OFFSET_OFFSET),
+            start_seq: get_u64(page, HDR_START_SEQ_OFFSET),
+            header_generation: get_u64(page, HDR_GENERATION_OFFSET),
+        };
+        check_log_size(header.log_size_bytes)?;
+        if !header.start_offset.is_multiple_of(LOG_ALIGN_BYTES)
+            || header.start_offset >= header.ring_len_bytes()
+        {
+            return Err(WalError::field(
+                "start_offset",
+                header.start_offset,
+                format!(
+                    "a multiple of {LOG_ALIGN_BYTES} below the ring length {}",
+                    header.ring_len_bytes()
+                ),
+            ));
+        }
+        if header.start_seq < RECORD_SEQ_FIRST {
+            return Err(WalError::field(
+                "start_seq",
+                header.start_seq,
+                format!(">= {RECORD_SEQ_FIRST}"),
+            ));
+        }
+        Ok(header)
+    }
+}
+
+/// The fixed header in front of a record's payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Position of the update in the primary's stream; consecutive in the log.
+    pub seq: u64,
+    /// Epoch of the primary that sent the update.
+    pub epoch: u64,
+    /// Where in the volume the payload goes.
+    pub offset_bytes: u64,
+    /// Payload length; at most [`RECORD_PAYLOAD_MAX_BYTES`].
+    pub length_bytes: u32,
+    /// [`RECORD_FLAG_FUA`] or 0.
+    pub flags: u32,
+}
+
+/// Size a record with a payload of `length_bytes` occupies in the ring:
+/// header and payload, padded to [`LOG_ALIGN_BYTES`].
+pub fn record_size_bytes(length_bytes: u32) -> u64 {
+    round_up(
+        RECORD_HEADER_SIZE_BYTES as u64 + u64::from(length_bytes),
+        LOG_ALIGN_BYTES,
+    )
+}
+
+/// True if `bytes` starts with the record magic. The scan uses it to tell
+/// a slot that was never written (the clean end of the log) from a record
+/// that is damaged.
+pub fn record_magic_present(bytes: &[u8]) -> bool {
+    bytes.len() >= U32_SIZE_BYTES && get_u32(bytes, REC_MAGIC_OFFSET) == RECORD_MAGIC
+}
+
+impl RecordHeader {
+    /// Size of this record in the ring, see [`record_size_bytes`].
+    pub fn size_bytes(&self) -> u64 {
+        record_size_bytes(self.length_bytes)
+    }
+
+    /// Writes the 64 header bytes into `out[..64]`, the checksum covering
+    /// them and `payload`.
+    pub fn encode(&self, payload: &[u8], out: &mut [u8]) {
+        assert_eq!(
+            payload.len(),
+            self.length_bytes as usize,
+            "record payload length differs from length_bytes"
+        );
+        let head = self.encode_fields(out);
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(head);
+        hasher.update(payload);
+        put_u32(out, REC_CRC_OFFSET, hasher.finalize());
+    }
+
+    /// As [`RecordHeader::encode`], but with the payload's crc32 already
+    /// known (e.g. computed while it arrived off the network), so the payload
+    /// is not read a second time.
+    pub fn encode_with_payload_crc(&self, payload_crc: u32, payload_len: u32, out: &mut [u8]) {
+        assert_eq!(
+            payload_len, self.length_bytes,
+            "record payload length differs from length_bytes"
+        );
+        let head = self.encode_fields(out);
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(head);
+        hasher.combine(&crc32fast::Hasher::new_with_initial_len(
+            payload_crc,
+            u64::from(payload_len),
+        ));
+        put_u32(out, REC_CRC_OFFSET, hasher.finalize());
+    }
+
+    /// Writes every header field but the checksum; returns the bytes the
+    /// checksum covers.
+    fn encode_fields<'a>(&self, out: &'a mut [u8]) -> &'a [u8] {
+        assert!(self.length_bytes <= RECORD_PAYLOAD_MAX_BYTES);
+        assert!(self.flags & !RECORD_FLAGS_KNOWN == 0);
+        assert!(self.seq >= RECORD_SEQ_FIRST);
+        let out = &mut out[..RECORD_HEADER_SIZE_BYTES];
+        out.fill(0);
+        put_u32(out, REC_MAGIC_OFFSET, RECORD_MAGIC);
+        put_u16(out, REC_KIND_OFFSET, RECORD_KIND_UPDATE);
+        put_u64(out, REC_SEQ_OFFSET, self.seq);
+        put_u64(out, REC_EPOCH_OFFSET, self.epoch);
+        put_u64(out, REC_VOLUME_OFFSET_OFFSET, self.offset_bytes);
+        put_u32(out, REC_LENGTH_OFFSET, self.length_bytes);
+        put_u32(out, REC_FLAGS_OFFSET, self.flags);
+        &out[..REC_CRC_OFFSET]
+    }
+
+    /// Parses the 64 header bytes at the start of `bytes`. The checksum is
+    /// not checked here (it needs the payload): call
+    /// [`RecordHeader::verify`] once the payload is read.
+    pub fn decode(bytes: &[u8]) -> Result<RecordHeader, WalError> {
+        if bytes.len() < RECORD_HEADER_SIZE_BYTES {
+            return Err(WalError::field(
+                "record header length",
+                bytes.len(),
+                format!(">= {RECORD_HEADER_SIZE_BYTES} bytes"),
+            ));
+        }
+        let magic = get_u32(bytes, REC_MAGIC_OFFSET);
+        if magic != RECORD_MAGIC {
+            return Err(WalError::field(
+                "record magic",
+                format!("{magic:#010x}"),
+                format!("{RECORD_MAGIC:#010x} (\"RREC\")"),
+            ));
+        }
+        let kind = get_u16(bytes, REC_KIND_OFFSET);
+        if kind != RECORD_KIND_UPDATE {
+            return Err(WalError::field("record kind", kind, RECORD_KIND_UPDATE));
+        }
+        let reserved1 = get_u16(bytes, REC_RESERVED1_OFFSET);
+        if reserved1 != 0 {
+            return Err(WalError::field("record reserved bytes 6..8", reserved1, 0));
+        }
+        let reserved2 = &bytes[REC_RESERVED2_OFFSET..REC_CRC_OFFSET];
+        if reserved2.iter().any(|&b| b != 0) {
+            return Err(WalError::field(
+                "record reserved bytes 40..60",
+                format!("{reserved2:02x?}"),
+                "all zero",
+            ));
+        }
+        let header = RecordHeader {
+            seq: get_u64(bytes, REC_SEQ_OFFSET),
+            epoch: get_u64(bytes, REC_EPOCH_OFFSET),
+            offset_bytes: get_u64(bytes, REC_VOLUME_OFFSET_OFFSET),
+            length_bytes: get_u32(bytes, REC_LENGTH_OFFSET),
+            flags: get_u32(bytes, REC_FLAGS_OFFSET),
+        };
+        if header.length_bytes > RECORD_PAYLOAD_MAX_BYTES {
+            return Err(WalError::field(
+                "record length_bytes",
+                header.length_bytes,
+                format!("<= {RECORD_PAYLOAD_MAX_BYTES}"),
+            ));
+        }
+        if header.flags & !RECORD_FLAGS_KNOWN != 0 {
+            return Err(WalError::field(
+                "record flags",
+                format!("{:#x}", header.flags),
+                format!("only bits {RECORD_FLAGS_KNOWN:#x}"),
+            ));
+        }
+        if header.seq < RECORD_SEQ_FIRST {
+            return Err(WalError::field(
+                "record seq",
+                header.seq,
+                format!(">= {RECORD_SEQ_FIRST}"),
+            ));
+        }
+        Ok(header)
+    }
+
+    /// Checks the stored checksum against `header_bytes` (the 64 bytes this
+    /// header was decoded from) and `payload` (exactly `length_bytes`).
+    pub fn verify(&self, header_bytes: &[u8], payload: &[u8]) -> Result<(), WalError> {
+        if payload.len() != self.length_bytes as usize {
+            return Err(WalError::field(
+                "record payload length",
+                payload.len(),
+                self.length_bytes,
+            ));
+        }
+        let found = get_u32(header_bytes, REC_CRC_OFFSET);
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&header_bytes[..REC_CRC_OFFSET]);
+        hasher.update(payload);
+        let computed = hasher.finalize();
+        if found != computed {
+            return Err(WalError::BadCrc {
+                path: Default::default(),
+                what: format!("record seq {}", self.seq),
+                found,
+                computed,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Lays out one record (header, payload, zero padding) in a fresh aligned
+/// buffer ready for an O_DIRECT write. Copies the payload once.
+pub fn build_record(header: &RecordHeader, payload: &[u8]) -> AlignedBuf {
+    let size = usize::try_from(header.size_bytes()).expect("record size fits in memory");
+    let mut buf = AlignedBuf::zeroed(size);
+    let bytes = buf.as_mut_slice();
+    let (head, rest) = bytes.split_at_mut(RECORD_PAYLOAD_OFFSET_BYTES);
+    rest[..payload.len()].copy_from_slice(payload);
+    header.encode(&rest[..payload.len()], head);
+    buf
+}
+
+/// Splits a write of `size_bytes` at ring offset `ring_offset` into the part
+/// before the end of the ring and the part that wraps to ring offset 0.
+/// Both parts are page multiples because every input is.
+pub fn split_at_wrap(ring_offset: u64, size_bytes: u64, ring_len_bytes: u64) -> (u64, u64) {
+    assert!(ring_offset < ring_len_bytes, "ring offset past the ring");
+    assert!(size_bytes <= ring_len_bytes, "write larger than the ring");
+    let first = size_bytes.min(ring_len_bytes - ring_offset);
+    (first, size_bytes - first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> LogHeader {
+        LogHeader {
+            volume_uuid: [7; 16],
+            node_id: 3,
+            log_size_bytes: LOG_SIZE_MIN_BYTES + 8 * LOG_ALIGN_BYTES,
+            epoch: 9,
+            start_offset: 5 * LOG_ALIGN_BYTES,
+            start_seq: 42,
+            header_generation: 17,
+        }
+    }
+
+    fn encoded(h: &LogHeader) -> Vec<u8> {
+        let mut page = vec![0u8; LOG_HEADER_SIZE_BYTES as usize];
+        h.encode(&mut page);
+        page
+    }
+
+    /// Rewrites a header field and refreshes the crc, so that the decode
+    /// check after the crc is the one that fires.
+    fn patched(h: &LogHeader, at: usize, bytes: &[u8]) -> Vec<u8> {
+        let mut page = encoded(h);
+        page[at..at + bytes.len()].copy_from_slice(bytes);
+        let crc = crc32fast::hash(&page[..HDR_CRC_OFFSET]);
+        put_u32(&mut page, HDR_CRC_OFFSET, crc);
+        page
+    }
+
+    fn bad_field(result: Result<LogHeader, WalError>) -> &'static str {
+        match result {
+            Err(WalError::BadField { field, .. }) => field,
+            other => panic!("expected a BadField error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn header_round_trip() {
+        let h = header();
+        let page = encoded(&h);
+        assert_eq!(&page[..8], b"RBLKLOG\0");
+        assert_eq!(get_u64(&page, 56), h.start_offset);
+        assert!(page[HDR_END_OFFSET..].iter().all(|&b| b == 0));
+        assert_eq!(LogHeader::decode(&page).unwrap(), h);
+        assert_eq!(h.ring_len_bytes(), h.log_size_bytes - 4096);
+    }
+
+    #[test]
+    fn header_corruptions_refused() {
+        let h = header();
+        let mut page = encoded(&h);
+        page[0] ^= 1;
+        assert_eq!(bad_field(LogHeader::decode(&page)), "magic");
+
+        let page = patched(&h, HDR_VERSION_OFFSET, &2u32.to_le_bytes());
+        assert_eq!(bad_field(LogHeader::decode(&page)), "format version");
+
+        for byte in [HDR_UUID_OFFSET, HDR_START_SEQ_OFFSET, HDR_CRC_OFFSET] {
+            let mut page = encoded(&h);
+            page[byte] ^= 0x10;
+            assert!(matches!(
+                LogHeader::decode(&page),
+                Err(WalError::BadCrc { .. })
+            ));
+        }
+
+        let page = patched(&h, HDR_HEADER_SIZE_OFFSET, &512u32.to_le_bytes());
+        assert_eq!(bad_field(LogHeader::decode(&page)), "header_size");
+
+        let page = patched(&h, HDR_RESERVED_OFFSET, &1u32.to_le_bytes());
+        assert_eq!(
+            bad_field(LogHeader::decode(&page)),
+            "header reserved bytes 36..40"
+        );
+
+        for size in [LOG_SIZE_MIN_BYTES - LOG_ALIGN_BYTES, LOG_SIZE_MIN_BYTES + 1] {
+            let page = patched(&h, HDR_LOG_SIZE_OFFSET, &size.to_le_bytes());
+            assert_eq!(bad_field(LogHeader::decode(&page)), "log_size_bytes");
+        }
+
+        for start in [h.start_offset + 1, h.ring_len_bytes()] {
+            let page = patched(&h, HDR_START_OFFSET_OFFSET, &start.to_le_bytes());
+            assert_eq!(bad_field(LogHeader::decode(&page)), "start_offset");
+        }
+
+        let page = patched(&h, HDR_START_SEQ_OFFSET, &0u64.to_le_bytes());
+        assert_eq!(bad_field(LogHeader::decode(&page)), "start_seq");
+
+        assert_eq!(bad_field(LogHeader::decode(&page[..100])), "header length");
+    }
+
+    #[test]
+    fn header_error_names_field_and_values() {
+        let h = header();
+        let page = patched(&h, HDR_HEADER_SIZE_OFFSET, &512u32.to_le_bytes());
+        let err = LogHeader::decode(&page)
+            .unwrap_err()
+            .at(std::path::Path::new("/x/log"));
+        assert_eq!(
+            err.to_string(),
+            "log /x/log: header_size is 512 (expected 4096)"
+        );
+    }
+
+    fn record(len: u32) -> (RecordHeader, Vec<u8>) {
+        let header = RecordHeader {
+            seq: 5,
+            epoch: 2,
+            offset_bytes: 1 << 30,
+            length_bytes: len,
+            flags: RECORD_FLAG_FUA,
+        };
+        let payload = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+        (header, payload)
+    }
+
+    #[test]
+    fn record_sizes() {
+        assert_eq!(record_size_bytes(0), 4096);
+        assert_eq!(record_size_bytes(4096 - 64), 4096);
+        assert_eq!(record_size_bytes(4096 - 63), 8192);
+        assert_eq!(RECORD_SIZE_MAX_BYTES, (1 << 20) + 4096);
+        assert_eq!(
+            record_size_bytes(RECORD_PAYLOAD_MAX_BYTES),
+            RECORD_SIZE_MAX_BYTES
+        );
+        assert_eq!(LOG_SIZE_MIN_BYTES, 4096 + 4 * RECORD_SIZE_MAX_BYTES);
+    }
+
+    #[test]
+    fn record_round_trip_and_verify() {
+        for len in [0, 1, 4032, 4033, 100_000] {
+            let (h, payload) = record(len);
+            let buf = build_record(&h, &payload);
+            assert_eq!(buf.len() as u64, record_size_bytes(len));
+            let bytes = buf.as_slice();
+            assert_eq!(&bytes[..4], b"RREC");
+            assert!(record_magic_present(bytes));
+            let decoded = RecordHeader::decode(bytes).unwrap();
+            assert_eq!(decoded, h);
+            let payload_back = &bytes[RECORD_PAYLOAD_OFFSET_BYTES..][..len as usize];
+            assert_eq!(payload_back, &payload[..]);
+            decoded.verify(bytes, payload_back).unwrap();
+            assert!(bytes[RECORD_PAYLOAD_OFFSET_BYTES + len as usize..]
+                .iter()
+                .all(|&b| b == 0));
+        }
+    }
+
+    #[test]
+    fn precomputed_payload_crc_gives_the_same_header() {
+        for len in [0, 1, 4032, 65_536] {
+            let (h, payload) = record(len);
+            let mut a = [0u8; RECORD_HEADER_SIZE_BYTES];
+            let mut b = [0u8; RECORD_HEADER_SIZE_BYTES];
+            h.encode(&payload, &mut a);
+            h.encode_with_payload_crc(crc32fast::hash(&payload), len, &mut b);
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn any_flipped_bit_is_refused() {
+        let (h, payload) = record(300);
+        let buf = build_record(&h, &payload);
+        let covered = RECORD_HEADER_SIZE_BYTES + payload.len();
+        for byte in 0..covered {
+            for bit in 0..8 {
+                let mut bytes = buf.as_slice()[..covered].to_vec();
+                bytes[byte] ^= 1 << bit;
+                let refused = match RecordHeader::decode(&bytes) {
+                    Err(_) => true,
+                    Ok(decoded) => {
+                        let len = (decoded.length_bytes as usize).min(covered - 64);
+                        decoded.verify(&bytes, &bytes[64..64 + len]).is_err()
+                    }
+                };
+                assert!(refused, "flip of bit {bit} in byte {byte} went unnoticed");
+            }
+        }
+    }
+
+    #[test]
+    fn record_decode_refusals() {
+        let (h, payload) = record(10);
+        let good = build_record(&h, &payload).as_slice()[..64].to_vec();
+        let cases: [(usize, &[u8], &str); 5] = [
+            (REC_MAGIC_OFFSET, &[0, 0, 0, 0], "record magic"),
+            (REC_KIND_OFFSET, &[2, 0], "record kind"),
+            (REC_RESERVED1_OFFSET, &[1, 0], "record reserved bytes 6..8"),
+            (
+                REC_RESERVED2_OFFSET + 3,
+                &[1],
+                "record reserved bytes 40..60",
+            ),
+            (REC_FLAGS_OFFSET, &[2, 0, 0, 0], "record flags"),
+        ];
+        for (at, bytes, want) in cases {
+            let mut h = good.clone();
+            h[at..at + bytes.len()].copy_from_slice(bytes);
+            match RecordHeader::decode(&h) {
+                Err(WalError::BadField { field, .. }) => assert_eq!(field, want),
+                other => panic!("{want}: got {other:?}"),
+            }
+        }
+        let mut long = good.clone();
+        put_u32(&mut long, REC_LENGTH_OFFSET, RECORD_PAYLOAD_MAX_BYTES + 1);
+        assert!(matches!(
+            RecordHeader::decode(&long),
+            Err(WalError::BadField {
+                field: "record length_bytes",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn wrap_split() {
+        assert_eq!(split_at_wrap(0, 8192, 16384), (8192, 0));
+        assert_eq!(split_at_wrap(8192, 8192, 16384), (8192, 0));
+        assert_eq!(split_at_wrap(12288, 8192, 16384), (4096, 4096));
+    }
+}
