@@ -495,8 +495,12 @@ impl Engine {
             };
             match attached {
                 Ok(connection) => {
-                    if let Err(reason) = self.serve_member(member, connection).await {
-                        tracing::warn!(secondary = node_id, %address, %reason, "secondary connection lost");
+                    let result = self.serve_member(member, connection).await;
+                    match result {
+                        Err(reason) if !self.stopping.get() => {
+                            tracing::warn!(secondary = node_id, %address, %reason, "secondary connection lost");
+                        }
+                        _ => {}
                     }
                 }
                 Err(reason) => {

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs every test of the workspace:
+# unit and property tests, the multi-process replication tests, the lints.
+# Usage: scripts/test.sh            (from anywhere in the checkout)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "scripts/test.sh: cargo is not installed; install a Rust toolchain (rustup) first" >&2
+    exit 1
+fi
+# The build needs a C compiler for a few -sys crates; Debian's gcc is enough.
+if ! command -v cc >/dev/null 2>&1; then
+    log "installing a C compiler"
+    apt-get update -qq && apt-get install -y -qq build-essential
+fi
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        rustup component add "$component"
+    fi
+done
+
+log "formatting"
+cargo fmt --all -- --check
+
+log "lints"
+cargo clippy --workspace --all-targets --release -- -D warnings
+
+# Release builds: the multi-process tests push tens of thousands of writes
+# through three processes, which a debug build makes several times slower.
+log "tests"
+cargo test --workspace --release
