@@ -52,6 +52,24 @@ pub enum WalError {
         computed: u32,
     },
 
+    /// Neither slot of the header page holds a valid header, so the log
+    /// cannot be opened. Each slot's own problem is kept.
+    #[error(
+        "log {}: no valid header in either slot of the header page: \
+         slot 0: {}; slot 1: {}",
+        shown(.path),
+        detail(.slot0),
+        detail(.slot1)
+    )]
+    NoValidHeader {
+        /// The log file.
+        path: PathBuf,
+        /// Why slot 0 (header page bytes 0..128) was refused.
+        slot0: Box<WalError>,
+        /// Why slot 1 (header page bytes 512..640) was refused.
+        slot1: Box<WalError>,
+    },
+
     /// The log was created for a different volume.
     #[error(
         "log {}: volume uuid {} belongs to another volume (expected {})",
@@ -122,6 +140,7 @@ impl WalError {
             WalError::Io { path, .. }
             | WalError::BadField { path, .. }
             | WalError::BadCrc { path, .. }
+            | WalError::NoValidHeader { path, .. }
             | WalError::WrongVolume { path, .. }
             | WalError::WrongNode { path, .. }
             | WalError::SizeMismatch { path, .. }
@@ -140,6 +159,7 @@ impl WalError {
             WalError::Io { path, .. }
             | WalError::BadField { path, .. }
             | WalError::BadCrc { path, .. }
+            | WalError::NoValidHeader { path, .. }
             | WalError::WrongVolume { path, .. }
             | WalError::WrongNode { path, .. }
             | WalError::SizeMismatch { path, .. }
@@ -167,6 +187,17 @@ impl WalError {
             op,
             source,
         }
+    }
+}
+
+/// An error's message without its leading "log PATH: ", for nesting it in
+/// another error's message.
+fn detail(error: &WalError) -> String {
+    let full = error.to_string();
+    let prefix = format!("log {}: ", shown(error.path()));
+    match full.strip_prefix(&prefix) {
+        Some(rest) => rest.to_string(),
+        None => full,
     }
 }
 

@@ -2,13 +2,16 @@
 //!
 //! Two descriptors on one file. The ring goes through an O_DIRECT fd, so a
 //! record write completes when the device has the bytes and nothing of the
-//! log crowds the page cache. The header page goes through an ordinary fd
-//! with pwrite + fdatasync: write(2) copies into the page-cache page under
-//! the page lock, so writeback sees either the old or the new header,
-//! never a mix. (A store into a shared mmap of the page takes no such lock
-//! and can race writeback, leaving half a header on disk, which is why the
-//! header is not written through a mapping.) The ordinary fd also holds an
-//! exclusive flock, so two daemons never append to one log.
+//! log crowds the page cache. The header page is mapped (memmap2) through an
+//! ordinary fd, which also holds an exclusive flock so two daemons never
+//! append to one log.
+//!
+//! A store into a shared mapping can be written back by the kernel while it
+//! is half done, so one header written in place could reach the disk torn
+//! and leave the log unopenable. The page therefore holds two header slots
+//! (see [`super::format::decode_header_page`]) and an update writes only the
+//! slot that does not hold the current header, then msyncs: whatever the
+//! crash, one slot still holds a valid header, the new one or the previous.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -16,14 +19,15 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use memmap2::{MmapMut, MmapOptions};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::buf::{round_up, AlignedBuf, PAGE_SIZE_BYTES};
 
 use super::error::WalError;
 use super::format::{
-    check_log_size, split_at_wrap, LogHeader, LOG_ALIGN_BYTES, LOG_HEADER_SIZE_BYTES,
-    RECORD_SEQ_FIRST,
+    check_log_size, decode_header_page, header_slot_range, other_slot, split_at_wrap, LogHeader,
+    LOG_ALIGN_BYTES, LOG_HEADER_SIZE_BYTES, LOG_HEADER_USED_BYTES, RECORD_SEQ_FIRST,
 };
 use super::recovery::RingRead;
 
@@ -31,24 +35,37 @@ use super::recovery::RingRead;
 /// for callers whose buffer is not page aligned.
 const RING_READ_BOUNCE_BYTES: u64 = 256 * 1024;
 
+/// The slot a new log's header goes to; the other slot starts zeroed.
+const CREATE_SLOT: usize = 0;
+/// Generation of a new log's header.
+const CREATE_GENERATION: u64 = 1;
+
 /// An open write-ahead log: the header state in memory and the descriptors
 /// to change it and to write the ring.
 #[derive(Debug)]
 pub struct LogFile {
     path: PathBuf,
     header: LogHeader,
-    /// Ordinary fd for the header page; its flock marks the log as ours.
-    header_fd: Flock<File>,
+    /// The slot of the header page holding `header`; the next header write
+    /// goes to the other one.
+    header_slot: usize,
+    /// Shared mapping of the header page. Declared before `_header_fd` so
+    /// it is unmapped before the flock is released.
+    header_map: MmapMut,
+    /// Ordinary fd the header page is mapped through, kept for its flock,
+    /// which marks the log as ours until the LogFile is dropped.
+    _header_fd: Flock<File>,
     /// O_DIRECT fd for the ring.
     direct: File,
-    /// Set after a failed write or fsync; see [`WalError::Poisoned`].
+    /// Set after a failed write, msync or fsync; see [`WalError::Poisoned`].
     failed: AtomicBool,
 }
 
 impl LogFile {
     /// Creates (or truncates) a log of `log_size_bytes` at `path`: a valid
-    /// header with start_offset 0 and start_seq 1, a zeroed first ring page
-    /// so the scan finds an empty log, all made durable.
+    /// header (generation 1, start_offset 0, start_seq 1) in slot 0, a
+    /// zeroed slot 1, a zeroed first ring page so the scan finds an empty
+    /// log, all made durable.
     pub fn create(
         path: impl AsRef<Path>,
         volume_uuid: [u8; 16],
@@ -72,37 +89,46 @@ impl LogFile {
             .set_len(0)
             .and_then(|()| header_fd.set_len(log_size_bytes))
             .map_err(|e| WalError::io(path, "sizing the log file", e))?;
+        let mut header_map = map_header_page(path, &header_fd)?;
         let direct = open_direct(path)?;
-        let log = LogFile {
-            path: path.to_path_buf(),
-            header: LogHeader {
-                volume_uuid,
-                node_id,
-                log_size_bytes,
-                epoch,
-                start_offset: 0,
-                start_seq: RECORD_SEQ_FIRST,
-                header_generation: 1,
-            },
-            header_fd,
-            direct,
-            failed: AtomicBool::new(false),
+        let header = LogHeader {
+            volume_uuid,
+            node_id,
+            log_size_bytes,
+            epoch,
+            start_offset: 0,
+            start_seq: RECORD_SEQ_FIRST,
+            header_generation: CREATE_GENERATION,
         };
         let zero_page = AlignedBuf::zeroed(PAGE_SIZE_BYTES);
-        log.direct
+        direct
             .write_all_at(zero_page.as_slice(), LogFile::ring_file_offset(0))
             .map_err(|e| WalError::io(path, "zeroing the first ring page", e))?;
-        log.write_header_page(&log.header)?;
+        // The whole page: slot 1 and the bytes around the slots are zero.
+        header_map.fill(0);
+        header.encode(&mut header_map[header_slot_range(CREATE_SLOT)]);
+        header_map
+            .flush_range(0, LOG_HEADER_SIZE_BYTES as usize)
+            .map_err(|e| WalError::io(path, "msync of the new log header", e))?;
         // sync_all, not sync_data: the new length is metadata.
-        log.header_fd
+        header_fd
             .sync_all()
             .map_err(|e| WalError::io(path, "fsync of the new log", e))?;
         sync_parent_dir(path)?;
-        Ok(log)
+        Ok(LogFile {
+            path: path.to_path_buf(),
+            header,
+            header_slot: CREATE_SLOT,
+            header_map,
+            _header_fd: header_fd,
+            direct,
+            failed: AtomicBool::new(false),
+        })
     }
 
-    /// Opens an existing log, refusing one that belongs to another volume
-    /// or node, or whose length disagrees with its header.
+    /// Opens an existing log, refusing one without a valid header slot, one
+    /// that belongs to another volume or node, or one whose length
+    /// disagrees with its header.
     pub fn open(
         path: impl AsRef<Path>,
         expected_volume_uuid: [u8; 16],
@@ -120,6 +146,8 @@ impl LogFile {
         let file_len = header_fd
             .seek(SeekFrom::End(0))
             .map_err(|e| WalError::io(path, "measuring the log file", e))?;
+        // Checked before mapping: touching a mapped page past the end of the
+        // file raises SIGBUS.
         if file_len < LOG_HEADER_SIZE_BYTES {
             return Err(WalError::field(
                 "file length",
@@ -128,11 +156,25 @@ impl LogFile {
             )
             .at(path));
         }
+        // Read with pread rather than through the map: a page the device
+        // cannot read is an error here but would be SIGBUS through the map.
+        // Both go through the same page-cache page.
         let mut page = vec![0u8; LOG_HEADER_SIZE_BYTES as usize];
         header_fd
             .read_exact_at(&mut page, 0)
             .map_err(|e| WalError::io(path, "reading the log header", e))?;
-        let header = LogHeader::decode(&page).map_err(|e| e.at(path))?;
+        let current = decode_header_page(&page).map_err(|e| e.at(path))?;
+        if let Some(problem) = current.other_slot_problem {
+            tracing::debug!(
+                log = %path.display(),
+                slot = current.slot,
+                header_generation = current.header.header_generation,
+                other_slot = other_slot(current.slot),
+                problem = %problem.at(path),
+                "using the only valid header slot"
+            );
+        }
+        let header = current.header;
         if header.volume_uuid != expected_volume_uuid {
             return Err(WalError::WrongVolume {
                 path: path.to_path_buf(),
@@ -154,11 +196,14 @@ impl LogFile {
                 expected: header.log_size_bytes,
             });
         }
+        let header_map = map_header_page(path, &header_fd)?;
         let direct = open_direct(path)?;
         Ok(LogFile {
             path: path.to_path_buf(),
             header,
-            header_fd,
+            header_slot: current.slot,
+            header_map,
+            _header_fd: header_fd,
             direct,
             failed: AtomicBool::new(false),
         })
@@ -198,9 +243,12 @@ impl LogFile {
     /// Changes the header with `update`, bumps header_generation and makes
     /// the new header durable before returning.
     ///
-    /// Blocks for a write and an fdatasync; the daemon calls it from its
-    /// clearing path, where one fsync per batch of cleared records is the
-    /// point. The in-memory header changes only once the new one is durable.
+    /// The new header goes into the slot not holding the current one, then
+    /// the page is msynced; the current slot is not written, so a crash at
+    /// any point leaves it valid. Blocks for the msync; the daemon calls it
+    /// from its clearing path, where one sync per batch of cleared records
+    /// is the point. The in-memory header changes only once the new one is
+    /// durable.
     pub fn persist_header(&mut self, update: impl FnOnce(&mut LogHeader)) -> Result<(), WalError> {
         self.check_not_failed()?;
         let mut next = self.header;
@@ -211,12 +259,20 @@ impl LogFile {
         assert_eq!(next.node_id, self.header.node_id);
         assert_eq!(next.log_size_bytes, self.header.log_size_bytes);
         next.header_generation = self.header.header_generation + 1;
-        self.write_header_page(&next)?;
-        self.header_fd.sync_data().map_err(|e| {
-            self.failed.store(true, Ordering::Relaxed);
-            WalError::io(&self.path, "fdatasync of the log header", e)
-        })?;
+        // Encoded aside first: encode asserts the header is valid, and a
+        // failed assertion must not leave a half-written slot behind.
+        let mut slot_bytes = [0u8; LOG_HEADER_USED_BYTES];
+        next.encode(&mut slot_bytes);
+        let slot = other_slot(self.header_slot);
+        self.header_map[header_slot_range(slot)].copy_from_slice(&slot_bytes);
+        self.header_map
+            .flush_range(0, LOG_HEADER_SIZE_BYTES as usize)
+            .map_err(|e| {
+                self.failed.store(true, Ordering::Relaxed);
+                WalError::io(&self.path, "msync of the log header", e)
+            })?;
         self.header = next;
+        self.header_slot = slot;
         Ok(())
     }
 
@@ -274,16 +330,30 @@ impl LogFile {
         }
         Ok(())
     }
+}
 
-    fn write_header_page(&self, header: &LogHeader) -> Result<(), WalError> {
-        // The whole page, so its unused bytes are zero whatever was there.
-        let mut page = vec![0u8; LOG_HEADER_SIZE_BYTES as usize];
-        header.encode(&mut page);
-        self.header_fd.write_all_at(&page, 0).map_err(|e| {
-            self.failed.store(true, Ordering::Relaxed);
-            WalError::io(&self.path, "writing the log header", e)
-        })
+/// Maps the header page (the first [`LOG_HEADER_SIZE_BYTES`] of the file)
+/// shared and writable, through the locked ordinary fd.
+fn map_header_page(path: &Path, file: &Flock<File>) -> Result<MmapMut, WalError> {
+    let file: &File = file;
+    // SAFETY: a shared mapping stays valid only while nobody truncates the
+    // file under it (touching a page past the end raises SIGBUS) and its
+    // bytes change only through our own stores. Both hold while the
+    // LogFile lives: the file is exclusively flock'ed by us (through this
+    // very fd), every program that opens a log (the daemons and
+    // replblk-ctl, through LogFile) takes that lock first and fails without
+    // it, so no other process maps, writes or truncates the file while we
+    // run; the file is at least one page long (sized by create, checked by
+    // open before mapping) and we never shrink it; and in this process the
+    // ring is written only through the separate O_DIRECT fd, at file
+    // offsets >= LOG_HEADER_SIZE_BYTES, which never overlap the mapped
+    // header page.
+    unsafe {
+        MmapOptions::new()
+            .len(LOG_HEADER_SIZE_BYTES as usize)
+            .map_mut(file)
     }
+    .map_err(|e| WalError::io(path, "mapping the log header page", e))
 }
 
 fn lock(path: &Path, file: File) -> Result<Flock<File>, WalError> {
@@ -497,13 +567,30 @@ mod tests {
         let err = LogFile::open(&path, UUID, NODE).unwrap_err();
         assert!(matches!(err, WalError::SizeMismatch { .. }), "{err}");
 
+        // A fresh log's slot 1 is zero, so with slot 0 damaged no slot is
+        // valid.
         file.write_all_at(&[0xff], 3).unwrap();
         let err = LogFile::open(&path, UUID, NODE).unwrap_err();
+        match &err {
+            WalError::NoValidHeader { slot0, slot1, .. } => {
+                assert!(
+                    matches!(**slot0, WalError::BadField { field: "magic", .. }),
+                    "{slot0}"
+                );
+                assert!(
+                    matches!(**slot1, WalError::BadField { field: "magic", .. }),
+                    "{slot1}"
+                );
+            }
+            other => panic!("expected NoValidHeader, got {other:?}"),
+        }
         assert!(
-            matches!(err, WalError::BadField { field: "magic", .. }),
+            err.to_string().starts_with(&format!(
+                "log {}: no valid header in either slot of the header page: slot 0: magic is [",
+                path.display()
+            )),
             "{err}"
         );
-        assert!(err.to_string().contains(&path.display().to_string()));
 
         file.set_len(100).unwrap();
         let err = LogFile::open(&path, UUID, NODE).unwrap_err();
@@ -572,6 +659,261 @@ mod tests {
         assert_eq!(outcome.next_seq, 7);
         assert_eq!(outcome.records, 3);
         assert!(outcome.stop.is_clean(), "{}", outcome.stop);
+    }
+
+    /// The header page as the file holds it.
+    fn raw_page(path: &Path) -> Vec<u8> {
+        let mut page = vec![0u8; LOG_HEADER_SIZE_BYTES as usize];
+        File::open(path)
+            .unwrap()
+            .read_exact_at(&mut page, 0)
+            .unwrap();
+        page
+    }
+
+    /// Writes `bytes` at `offset` of the file behind LogFile's back, as a
+    /// crash or a damaged disk would leave them.
+    fn write_raw(path: &Path, offset: usize, bytes: &[u8]) {
+        let file = OpenOptions::new().write(true).open(path).unwrap();
+        file.write_all_at(bytes, offset as u64).unwrap();
+        file.sync_all().unwrap();
+    }
+
+    fn slot_header(page: &[u8], slot: usize) -> Result<LogHeader, WalError> {
+        LogHeader::decode(&page[header_slot_range(slot)])
+    }
+
+    /// The header page is zero outside the two slots.
+    fn assert_zero_outside_slots(page: &[u8]) {
+        for (at, byte) in page.iter().enumerate() {
+            let in_slot = (0..2).any(|slot| header_slot_range(slot).contains(&at));
+            assert!(in_slot || *byte == 0, "header page byte {at} is {byte:#x}");
+        }
+    }
+
+    #[test]
+    fn create_writes_slot_0_and_zeroes_slot_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        // Leftovers of an older file must not survive as a second header.
+        std::fs::write(&path, vec![0x5a; LOG_SIZE_MIN_BYTES as usize]).unwrap();
+        let log = new_log(&dir);
+        let page = raw_page(&path);
+        assert_eq!(slot_header(&page, 0).unwrap(), log.header());
+        assert_eq!(log.header().header_generation, 1);
+        assert!(page[header_slot_range(1)].iter().all(|&b| b == 0));
+        assert_zero_outside_slots(&page);
+    }
+
+    #[test]
+    fn alternating_updates_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut log = new_log(&dir);
+        let mut previous = log.header();
+        for i in 1..=9u64 {
+            log.persist_header(|h| {
+                h.start_offset = i * LOG_ALIGN_BYTES;
+                h.start_seq = 10 * i;
+                h.epoch = EPOCH + i / 3;
+            })
+            .unwrap();
+            let persisted = log.header();
+            assert_eq!(persisted.header_generation, previous.header_generation + 1);
+            assert_eq!(persisted.start_seq, 10 * i);
+
+            // The new header went into the slot the previous one was not
+            // in, and the previous one is still intact in its own slot.
+            let page = raw_page(&path);
+            let new_slot = if i % 2 == 1 { 1 } else { 0 };
+            assert_eq!(slot_header(&page, new_slot).unwrap(), persisted);
+            assert_eq!(slot_header(&page, 1 - new_slot).unwrap(), previous);
+            assert_zero_outside_slots(&page);
+
+            drop(log);
+            log = LogFile::open(&path, UUID, NODE).unwrap();
+            assert_eq!(log.header(), persisted);
+            previous = persisted;
+        }
+    }
+
+    /// How a crash can leave the slot an update was writing.
+    #[derive(Clone, Copy, Debug)]
+    enum Torn {
+        /// All the new bytes, but a crc that does not match them.
+        BadCrc,
+        /// The first half of the new bytes over the old slot.
+        FirstHalf,
+        /// The second half of the new bytes over the old slot.
+        SecondHalf,
+        /// Bytes that are no header at all.
+        Garbage,
+    }
+
+    #[test]
+    fn torn_header_write_leaves_the_previous_header() {
+        let kinds = [
+            Torn::BadCrc,
+            Torn::FirstHalf,
+            Torn::SecondHalf,
+            Torn::Garbage,
+        ];
+        for updates_before in 0..3u64 {
+            for torn in kinds {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("log");
+                let mut log = new_log(&dir);
+                for i in 1..=updates_before {
+                    log.persist_header(|h| {
+                        h.start_offset = i * LOG_ALIGN_BYTES;
+                        h.start_seq = i + 1;
+                    })
+                    .unwrap();
+                }
+                let previous = log.header();
+                let current_slot = log.header_slot;
+                drop(log);
+
+                // The update that crashed: the next header, into the slot not
+                // holding the current one.
+                let mut next = previous;
+                next.start_offset = 8 * LOG_ALIGN_BYTES;
+                next.start_seq = 40;
+                next.epoch = EPOCH + 1;
+                next.header_generation += 1;
+                let mut new_bytes = [0u8; LOG_HEADER_USED_BYTES];
+                next.encode(&mut new_bytes);
+                let target = other_slot(current_slot);
+                let at = header_slot_range(target).start;
+                let half = LOG_HEADER_USED_BYTES / 2;
+                match torn {
+                    Torn::BadCrc => {
+                        new_bytes[80] ^= 0x01;
+                        write_raw(&path, at, &new_bytes);
+                    }
+                    Torn::FirstHalf => write_raw(&path, at, &new_bytes[..half]),
+                    Torn::SecondHalf => write_raw(&path, at + half, &new_bytes[half..]),
+                    Torn::Garbage => write_raw(&path, at, &[0xa7; LOG_HEADER_USED_BYTES]),
+                }
+                let page = raw_page(&path);
+                assert!(
+                    slot_header(&page, target).is_err(),
+                    "{torn:?} after {updates_before} updates left a valid slot"
+                );
+                assert_eq!(slot_header(&page, current_slot).unwrap(), previous);
+
+                let mut log = LogFile::open(&path, UUID, NODE).unwrap();
+                assert_eq!(log.header(), previous, "{torn:?}, {updates_before}");
+
+                // The next update overwrites the torn slot and leaves the
+                // good one alone.
+                log.persist_header(|h| h.start_seq = 50).unwrap();
+                let persisted = log.header();
+                assert_eq!(persisted.header_generation, previous.header_generation + 1);
+                let page = raw_page(&path);
+                assert_eq!(slot_header(&page, target).unwrap(), persisted);
+                assert_eq!(slot_header(&page, current_slot).unwrap(), previous);
+                drop(log);
+                let log = LogFile::open(&path, UUID, NODE).unwrap();
+                assert_eq!(log.header(), persisted);
+            }
+        }
+    }
+
+    #[test]
+    fn both_slots_damaged_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut log = new_log(&dir);
+        log.persist_header(|h| h.start_seq = 9).unwrap();
+        drop(log);
+        // Slot 0: a flipped bit under the crc. Slot 1: not a header.
+        let page = raw_page(&path);
+        write_raw(&path, 20, &[page[20] ^ 0x04]);
+        write_raw(&path, header_slot_range(1).start, &[0; 8]);
+
+        let err = LogFile::open(&path, UUID, NODE).unwrap_err();
+        match &err {
+            WalError::NoValidHeader {
+                path: p,
+                slot0,
+                slot1,
+            } => {
+                assert_eq!(p, &path);
+                assert!(matches!(**slot0, WalError::BadCrc { .. }), "{slot0}");
+                assert!(
+                    matches!(**slot1, WalError::BadField { field: "magic", .. }),
+                    "{slot1}"
+                );
+            }
+            other => panic!("expected NoValidHeader, got {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(text.contains("slot 0: header crc32 is 0x"), "{text}");
+        assert!(
+            text.contains("; slot 1: magic is [00, 00, 00, 00, 00, 00, 00, 00]"),
+            "{text}"
+        );
+        assert!(!text.contains("(in memory)"), "{text}");
+    }
+
+    #[test]
+    fn same_generation_in_both_slots_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        drop(new_log(&dir));
+        let page = raw_page(&path);
+        write_raw(
+            &path,
+            header_slot_range(1).start,
+            &page[header_slot_range(0)],
+        );
+        let err = LogFile::open(&path, UUID, NODE).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WalError::BadField {
+                    field: "header_generation",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "log {}: header_generation is 1 in both slots (expected a different value \
+                 in each header slot; the header page is corrupt)",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn the_next_write_goes_to_the_other_slot_whatever_the_generation() {
+        // A header page with an even generation in slot 0 and nothing in
+        // slot 1 (as a single-slot writer would leave it): the update must
+        // not overwrite slot 0.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut header = new_log(&dir).header();
+        header.header_generation = 4;
+        let mut bytes = [0u8; LOG_HEADER_USED_BYTES];
+        header.encode(&mut bytes);
+        write_raw(&path, 0, &bytes);
+
+        let mut log = LogFile::open(&path, UUID, NODE).unwrap();
+        assert_eq!(log.header(), header);
+        log.persist_header(|h| h.start_seq = 2).unwrap();
+        assert_eq!(log.header().header_generation, 5);
+        let page = raw_page(&path);
+        assert_eq!(slot_header(&page, 0).unwrap(), header);
+        assert_eq!(slot_header(&page, 1).unwrap(), log.header());
+        drop(log);
+        assert_eq!(
+            LogFile::open(&path, UUID, NODE).unwrap().header().start_seq,
+            2
+        );
     }
 
     fn record_size(len: u32) -> u64 {

@@ -24,9 +24,26 @@ pub const LOG_MAGIC: [u8; 8] = *b"RBLKLOG\0";
 pub const LOG_FORMAT_VERSION: u32 = 1;
 /// The header page at offset 0; the ring starts right after it.
 pub const LOG_HEADER_SIZE_BYTES: u64 = LOG_ALIGN_BYTES;
-/// Bytes of the header page that carry meaning (the rest stays zero). They
-/// lie inside the first 512-byte sector, whose write we assume atomic.
+/// Size of one header slot: the bytes [`LogHeader::encode`] writes and
+/// [`LogHeader::decode`] reads (only the first 84 carry fields, the rest are
+/// zero).
 pub const LOG_HEADER_USED_BYTES: usize = 128;
+/// Number of header slots in the header page. Updates alternate between
+/// them, so the slot holding the current header is never written while a
+/// newer one is being made durable.
+pub const LOG_HEADER_SLOT_COUNT: usize = 2;
+/// Where each header slot starts in the header page. They lie in different
+/// 512-byte sectors; every byte of the page outside the slots is zero.
+pub const LOG_HEADER_SLOT_OFFSETS_BYTES: [usize; LOG_HEADER_SLOT_COUNT] = [0, 512];
+/// Sector size the slots are spread over.
+const SECTOR_SIZE_BYTES: usize = 512;
+const _: () = {
+    let [first, second] = LOG_HEADER_SLOT_OFFSETS_BYTES;
+    assert!(first.is_multiple_of(SECTOR_SIZE_BYTES) && second.is_multiple_of(SECTOR_SIZE_BYTES));
+    assert!(first + LOG_HEADER_USED_BYTES <= second);
+    assert!(LOG_HEADER_USED_BYTES <= SECTOR_SIZE_BYTES);
+    assert!(second + LOG_HEADER_USED_BYTES <= LOG_HEADER_SIZE_BYTES as usize);
+};
 
 const HDR_MAGIC_OFFSET: usize = 0;
 const HDR_VERSION_OFFSET: usize = HDR_MAGIC_OFFSET + LOG_MAGIC.len();
@@ -138,7 +155,8 @@ pub struct LogHeader {
     /// Seq of the record at `start_offset`, or the next seq to append when
     /// the log is empty.
     pub start_seq: u64,
-    /// Incremented at every header write; only for diagnosis.
+    /// Incremented at every header write. Of the two header slots, the
+    /// valid one with the higher generation is the current header.
     pub header_generation: u64,
 }
 
@@ -148,8 +166,9 @@ impl LogHeader {
         self.log_size_bytes - LOG_HEADER_SIZE_BYTES
     }
 
-    /// Writes the header's [`LOG_HEADER_USED_BYTES`] into `page`, checksum
-    /// included. Bytes of `page` past those are left as they are.
+    /// Writes the header's [`LOG_HEADER_USED_BYTES`] into `page` (one
+    /// header slot), checksum included. Bytes of `page` past those are left
+    /// as they are.
     pub fn encode(&self, page: &mut [u8]) {
         assert!(
             page.len() >= LOG_HEADER_USED_BYTES,
@@ -179,8 +198,9 @@ impl LogHeader {
         put_u32(page, HDR_CRC_OFFSET, crc);
     }
 
-    /// Parses and validates a header page (at least
-    /// [`LOG_HEADER_USED_BYTES`] long).
+    /// Parses and validates one header slot (at least
+    /// [`LOG_HEADER_USED_BYTES`] long). [`decode_header_page`] chooses
+    /// between the two slots of a header page.
     pub fn decode(page: &[u8]) -> Result<LogHeader, WalError> {
         if page.len() < LOG_HEADER_USED_BYTES {
             return Err(WalError::field(
@@ -259,6 +279,95 @@ impl LogHeader {
             ));
         }
         Ok(header)
+    }
+}
+
+/// The bytes of the header page that slot `slot` (0 or 1) occupies.
+pub fn header_slot_range(slot: usize) -> std::ops::Range<usize> {
+    let start = LOG_HEADER_SLOT_OFFSETS_BYTES[slot];
+    start..start + LOG_HEADER_USED_BYTES
+}
+
+/// The header a log is opened with, chosen by [`decode_header_page`].
+#[derive(Debug)]
+pub struct CurrentHeader {
+    /// The valid header with the highest generation.
+    pub header: LogHeader,
+    /// The slot it was read from; the next header write goes to the other.
+    pub slot: usize,
+    /// Why the other slot holds no valid header, if it does not. Normal
+    /// for a log never updated since create (its slot 1 is zero), and after
+    /// a crash in the middle of a header update.
+    pub other_slot_problem: Option<WalError>,
+}
+
+impl CurrentHeader {
+    /// The slot the next header write must go to: the one not holding the
+    /// current header.
+    pub fn next_slot(&self) -> usize {
+        other_slot(self.slot)
+    }
+}
+
+/// The slot that is not `slot`.
+pub fn other_slot(slot: usize) -> usize {
+    assert!(
+        slot < LOG_HEADER_SLOT_COUNT,
+        "header slot {slot} does not exist"
+    );
+    1 - slot
+}
+
+/// Decodes both slots of a header page and picks the current header: the
+/// valid one with the higher generation, or the only valid one. Refuses a
+/// page with no valid slot (naming both slots' problems) and one whose two
+/// valid slots carry the same generation, which no sequence of header
+/// writes produces.
+pub fn decode_header_page(page: &[u8]) -> Result<CurrentHeader, WalError> {
+    if page.len() < LOG_HEADER_SIZE_BYTES as usize {
+        return Err(WalError::field(
+            "header page length",
+            page.len(),
+            format!(">= {LOG_HEADER_SIZE_BYTES} bytes"),
+        ));
+    }
+    let decoded: [Result<LogHeader, WalError>; LOG_HEADER_SLOT_COUNT] =
+        [0, 1].map(|slot| LogHeader::decode(&page[header_slot_range(slot)]));
+    match decoded {
+        [Ok(first), Ok(second)] => {
+            if first.header_generation == second.header_generation {
+                return Err(WalError::field(
+                    "header_generation",
+                    format!("{} in both slots", first.header_generation),
+                    "a different value in each header slot; the header page is corrupt",
+                ));
+            }
+            let (header, slot) = if first.header_generation > second.header_generation {
+                (first, 0)
+            } else {
+                (second, 1)
+            };
+            Ok(CurrentHeader {
+                header,
+                slot,
+                other_slot_problem: None,
+            })
+        }
+        [Ok(header), Err(problem)] => Ok(CurrentHeader {
+            header,
+            slot: 0,
+            other_slot_problem: Some(problem),
+        }),
+        [Err(problem), Ok(header)] => Ok(CurrentHeader {
+            header,
+            slot: 1,
+            other_slot_problem: Some(problem),
+        }),
+        [Err(slot0), Err(slot1)] => Err(WalError::NoValidHeader {
+            path: Default::default(),
+            slot0: Box::new(slot0),
+            slot1: Box::new(slot1),
+        }),
     }
 }
 
@@ -569,6 +678,120 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "log /x/log: header_size is 512 (expected 4096)"
+        );
+    }
+
+    /// A header page with `slots[i]` (if any) encoded into slot i.
+    fn page_with(slots: [Option<LogHeader>; 2]) -> Vec<u8> {
+        let mut page = vec![0u8; LOG_HEADER_SIZE_BYTES as usize];
+        for (slot, h) in slots.iter().enumerate() {
+            if let Some(h) = h {
+                h.encode(&mut page[header_slot_range(slot)]);
+            }
+        }
+        page
+    }
+
+    fn generation(g: u64) -> LogHeader {
+        LogHeader {
+            header_generation: g,
+            start_seq: 100 + g,
+            ..header()
+        }
+    }
+
+    #[test]
+    fn slot_layout() {
+        assert_eq!(header_slot_range(0), 0..128);
+        assert_eq!(header_slot_range(1), 512..640);
+        assert_eq!(other_slot(0), 1);
+        assert_eq!(other_slot(1), 0);
+    }
+
+    #[test]
+    fn page_uses_the_newest_valid_slot() {
+        for (slots, want_slot, want_gen) in [
+            ([Some(1), Some(2)], 1, 2),
+            ([Some(3), Some(2)], 0, 3),
+            ([Some(7), None], 0, 7),
+            ([None, Some(8)], 1, 8),
+        ] {
+            let page = page_with(slots.map(|g| g.map(generation)));
+            let current = decode_header_page(&page).unwrap();
+            assert_eq!(current.slot, want_slot, "{slots:?}");
+            assert_eq!(current.next_slot(), 1 - want_slot);
+            assert_eq!(current.header, generation(want_gen));
+            assert_eq!(
+                current.other_slot_problem.is_some(),
+                slots.contains(&None),
+                "{slots:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_damaged_slot_falls_back_to_the_other() {
+        // The newer slot torn at every byte: the older one is used.
+        let good = page_with([Some(generation(5)), Some(generation(6))]);
+        for byte in header_slot_range(1).take(HDR_END_OFFSET) {
+            let mut page = good.clone();
+            page[byte] ^= 0x20;
+            let current = decode_header_page(&page).unwrap();
+            assert_eq!(current.slot, 0, "byte {byte}");
+            assert_eq!(current.header, generation(5));
+            assert!(current.other_slot_problem.is_some());
+        }
+    }
+
+    #[test]
+    fn page_refusals() {
+        match decode_header_page(&page_with([None, None])) {
+            Err(WalError::NoValidHeader { slot0, slot1, .. }) => {
+                assert!(matches!(*slot0, WalError::BadField { field: "magic", .. }));
+                assert!(matches!(*slot1, WalError::BadField { field: "magic", .. }));
+            }
+            other => panic!("expected NoValidHeader, got {other:?}"),
+        }
+
+        let mut page = page_with([Some(generation(1)), Some(generation(2))]);
+        page[header_slot_range(0).start + HDR_START_SEQ_OFFSET] ^= 1;
+        page[header_slot_range(1).start + HDR_VERSION_OFFSET] = 9;
+        let err = decode_header_page(&page)
+            .unwrap_err()
+            .at(std::path::Path::new("/x/log"));
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "log /x/log: no valid header in either slot of the header page: \
+                 slot 0: header crc32 is 0x"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("; slot 1: format version is 9 (expected 1)"),
+            "{text}"
+        );
+
+        let page = page_with([Some(generation(4)), Some(generation(4))]);
+        assert_eq!(
+            bad_field(decode_header_page(&page).map(|c| c.header)),
+            "header_generation"
+        );
+        // Even when the two copies differ otherwise.
+        let other = LogHeader {
+            start_seq: 1,
+            ..generation(4)
+        };
+        let page = page_with([Some(generation(4)), Some(other)]);
+        assert_eq!(
+            bad_field(decode_header_page(&page).map(|c| c.header)),
+            "header_generation"
+        );
+
+        let page = page_with([Some(generation(1)), None]);
+        assert_eq!(
+            bad_field(decode_header_page(&page[..1024]).map(|c| c.header)),
+            "header page length"
         );
     }
 
