@@ -31,4 +31,10 @@ cargo clippy --workspace --all-targets --release -- -D warnings
 # Release builds: the multi-process tests push tens of thousands of writes
 # through three processes, which a debug build makes several times slower.
 log "tests"
-cargo test --workspace --release
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+cargo test --workspace --release 2>&1 | tee "$results"
+# cargo's last line belongs to whichever runner came last (often an empty
+# doc-test run): close with the totals over every runner instead.
+awk '/^test result:/ { passed += $4; failed += $6 }
+     END { printf "\ntests: %d passed, %d failed\n", passed, failed }' "$results"

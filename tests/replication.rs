@@ -49,9 +49,9 @@ struct Write {
     tag: u64,
 }
 
-fn plan(seed: u64) -> Vec<Write> {
+fn plan(seed: u64, count: u64) -> Vec<Write> {
     let mut rng = Rng(seed | 1);
-    (0..WRITES)
+    (0..count)
         .map(|tag| {
             let exponent = rng.below(9) as u32; // 2^0 .. 2^8 blocks
             let blocks = (1u64 << exponent).min(WRITE_BLOCKS_MAX);
@@ -85,6 +85,8 @@ fn fill(tag: u64, blocks: u64) -> SharedBuf {
 
 fn replication() -> ReplicationConfig {
     ReplicationConfig {
+        // Small enough that the window, not only the queue depth, is exercised.
+        window_updates_max: 256,
         member_timeout_ms: 60_000,
         reconnect_interval_ms: 50,
         startup_timeout_ms: 15_000,
@@ -93,13 +95,22 @@ fn replication() -> ReplicationConfig {
 }
 
 fn cluster(dir: &Path, secondaries: usize) -> LocalCluster {
+    cluster_with(dir, secondaries, LOG_BYTES, &replication())
+}
+
+fn cluster_with(
+    dir: &Path,
+    secondaries: usize,
+    log_bytes: u64,
+    replication: &ReplicationConfig,
+) -> LocalCluster {
     let mut cluster = LocalCluster::create(
         dir,
         Path::new(env!("CARGO_BIN_EXE_replblkd")),
         secondaries,
         VOLUME_BYTES,
-        LOG_BYTES,
-        &replication(),
+        log_bytes,
+        replication,
     )
     .expect("cluster created");
     cluster.start_secondaries().expect("secondaries started");
@@ -120,7 +131,7 @@ fn run_workload(volume: Arc<Volume>, writes: &[Write], midway: impl FnOnce()) {
             while in_flight.len() >= QUEUE_DEPTH {
                 in_flight.join_next().await.unwrap().unwrap();
             }
-            if index as u64 == WRITES / 3 {
+            if index == writes.len() / 3 {
                 (midway.take().unwrap())();
             }
             let writer = volume.clone();
@@ -142,6 +153,26 @@ fn run_workload(volume: Arc<Volume>, writes: &[Write], midway: impl FnOnce()) {
         }
         volume.flush().await.expect("final flush completes");
     });
+}
+
+/// Reads through the volume API must return what the copy holds.
+fn check_reads(volume: &Volume, cluster: &LocalCluster, writes: &[Write]) {
+    let primary = &cluster.config().node(PRIMARY_NODE_ID).unwrap().data_path;
+    let bytes = std::fs::read(primary).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for write in writes.iter().step_by(97) {
+        let length = write.blocks * BLOCK_BYTES;
+        let read = runtime
+            .block_on(volume.read(write.offset_bytes, length as u32))
+            .expect("read succeeds");
+        let start = write.offset_bytes as usize;
+        assert!(
+            read.as_slice() == &bytes[start..start + length as usize],
+            "read at {start} differs from the copy"
+        );
+    }
 }
 
 /// Blocks written by exactly one write must hold that write's bytes; blocks
@@ -180,6 +211,7 @@ fn check_contents(cluster: &LocalCluster, writes: &[Write]) {
 /// on: identical copies, the written bytes, and logs cleared to their end
 /// (read back from the log files themselves).
 fn finish(mut cluster: LocalCluster, volume: Arc<Volume>, writes: &[Write]) {
+    check_reads(&volume, &cluster, writes);
     let status = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap()
@@ -224,9 +256,13 @@ fn finish(mut cluster: LocalCluster, volume: Arc<Volume>, writes: &[Write]) {
 fn replicate(secondaries: usize, seed: u64) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let cluster = cluster(dir.path(), secondaries);
+    replicate_on(cluster, seed, WRITES);
+}
+
+fn replicate_on(cluster: LocalCluster, seed: u64, count: u64) {
     let volume =
         Arc::new(Volume::start(cluster.config(), PRIMARY_NODE_ID).expect("primary starts"));
-    let writes = plan(seed);
+    let writes = plan(seed, count);
     run_workload(volume.clone(), &writes, || {});
     finish(cluster, volume, &writes);
 }
@@ -253,7 +289,7 @@ fn a_secondary_killed_mid_run_and_restarted_ends_identical() {
     let volume = Arc::new(
         Volume::start(cluster.lock().unwrap().config(), PRIMARY_NODE_ID).expect("primary starts"),
     );
-    let writes = plan(0x5EED_0004);
+    let writes = plan(0x5EED_0004, WRITES);
     let victim = cluster.lock().unwrap().secondary_ids()[1];
     std::thread::scope(|scope| {
         let cluster = &cluster;
@@ -281,4 +317,30 @@ fn a_secondary_killed_mid_run_and_restarted_ends_identical() {
         "the restarted secondary ran its recovery scan: {output}"
     );
     finish(cluster, volume, &writes);
+}
+
+#[test]
+fn a_log_smaller_than_the_writes_in_flight_holds_them_back_and_loses_nothing() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    // The smallest log the format allows: four largest records. At queue
+    // depth 32 with writes up to 1 MiB it fills constantly, so secondaries
+    // stop reading until their start-of-log pointer moves.
+    let cluster = cluster_with(
+        dir.path(),
+        2,
+        replblk::wal::LOG_SIZE_MIN_BYTES,
+        &replication(),
+    );
+    replicate_on(cluster, 0x5EED_0005, WRITES / 5);
+}
+
+#[test]
+fn sync_every_ack_replicates_identically() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let replication = ReplicationConfig {
+        sync_every_ack: true,
+        ..replication()
+    };
+    let cluster = cluster_with(dir.path(), 2, LOG_BYTES, &replication);
+    replicate_on(cluster, 0x5EED_0006, WRITES / 5);
 }

@@ -145,9 +145,30 @@ pub enum AckViolation {
         /// Logged seq claimed.
         logged: u64,
     },
+    /// Cleared what was never all-acked, or went back.
+    #[error("ack claims cleared seq {cleared}, but it had cleared {previous} and the all-acked point is {all_acked}")]
+    Cleared {
+        /// Cleared seq claimed.
+        cleared: u64,
+        /// What it had reported before.
+        previous: u64,
+        /// The all-acked point.
+        all_acked: u64,
+    },
     /// Acked while not connected.
     #[error("ack from a secondary that is not connected")]
     NotConnected,
+}
+
+/// A secondary's cumulative ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberAck {
+    /// Every update up to here is in its log.
+    pub logged_seq: u64,
+    /// Every update up to here is durable in its log.
+    pub durable_seq: u64,
+    /// Every update up to here is cleared from its log.
+    pub cleared_seq: u64,
 }
 
 /// Result delivered with a completed request.
@@ -278,6 +299,29 @@ struct Member {
     all_acked_sent_seq: u64,
     /// When the all-acked point first moved past what this member was told.
     all_acked_pending_since_ms: Option<u64>,
+    /// Bytes of the member's log ring.
+    ring_bytes: u64,
+    /// Records in the member's log not yet reported cleared: (seq, bytes).
+    /// The primary sends an update only if it fits beside them, so a
+    /// secondary never has to stop reading (and so never misses the
+    /// notification that would let it clear).
+    in_log: VecDeque<(u64, u64)>,
+    in_log_bytes: u64,
+    cleared_seq: u64,
+    /// While connected: every seq below this was handed over or is not in
+    /// the member's set.
+    next_to_send: u64,
+}
+
+/// Where a member's log stands when it connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberLog {
+    /// Seq of the oldest record not cleared.
+    pub start_seq: u64,
+    /// Seq its log would append next.
+    pub next_seq: u64,
+    /// Ring bytes held by its records not cleared.
+    pub used_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -310,15 +354,17 @@ pub struct Primary<P> {
 }
 
 impl<P: Clone> Primary<P> {
-    /// A primary whose next update gets `first_seq`; every secondary starts
-    /// disconnected at `now_ms`.
+    /// A primary whose next update gets `first_seq`, with one secondary per
+    /// entry of `member_ring_bytes` (the size of its log's ring); every
+    /// secondary starts disconnected at `now_ms`.
     pub fn new(
         limits: PrimaryLimits,
         geometry: Geometry,
-        member_count: usize,
+        member_ring_bytes: &[u64],
         first_seq: u64,
         now_ms: u64,
     ) -> Primary<P> {
+        let member_count = member_ring_bytes.len();
         assert!(first_seq >= 1, "seq 0 means none");
         assert!(member_count <= MEMBERS_MAX);
         assert!(limits.window_updates_max.is_power_of_two() && limits.window_updates_max >= 64);
@@ -327,13 +373,24 @@ impl<P: Clone> Primary<P> {
             "the window must hold the largest write"
         );
         assert!(geometry.block_size_bytes.is_power_of_two());
-        let members = (0..member_count)
-            .map(|_| Member {
+        let largest_record = super::secondary::record_size_bytes(geometry.write_max_bytes);
+        assert!(
+            member_ring_bytes.iter().all(|&ring| ring >= largest_record),
+            "every log must hold the largest record"
+        );
+        let members = member_ring_bytes
+            .iter()
+            .map(|&ring_bytes| Member {
                 state: MemberState::Disconnected { since_ms: now_ms },
                 logged_seq: first_seq - 1,
                 durable_seq: 0,
                 all_acked_sent_seq: first_seq - 1,
                 all_acked_pending_since_ms: None,
+                ring_bytes,
+                in_log: VecDeque::new(),
+                in_log_bytes: 0,
+                cleared_seq: 0,
+                next_to_send: first_seq,
             })
             .collect();
         Primary {
@@ -565,7 +622,7 @@ impl<P: Clone> Primary<P> {
         }
         for member in 0..self.members.len() {
             if self.members[member].state == MemberState::Connected {
-                self.send_update(member, seq);
+                self.send_pending(member);
             }
         }
         // With no member in its set the update is already all-acked.
@@ -588,6 +645,33 @@ impl<P: Clone> Primary<P> {
     fn slot_mut(&mut self, seq: u64) -> Option<&mut Slot<P>> {
         let index = seq.checked_sub(self.window_start_seq)?;
         self.slots.get_mut(usize::try_from(index).ok()?)
+    }
+
+    /// Hands the member every update it lacks, in seq order, while its log
+    /// has room for them.
+    fn send_pending(&mut self, member: usize) {
+        debug_assert_eq!(self.members[member].state, MemberState::Connected);
+        let bit = 1u64 << member;
+        while self.members[member].next_to_send < self.next_seq {
+            let seq = self.members[member].next_to_send;
+            debug_assert!(
+                seq >= self.window_start_seq,
+                "seq {seq} retired before member {member} had it"
+            );
+            if self.tracker.set_mask(seq) & bit != 0 {
+                let length = self.slot(seq).expect("live slot").length_bytes;
+                let size = super::secondary::record_size_bytes(length);
+                let record = &mut self.members[member];
+                if record.in_log_bytes + size > record.ring_bytes {
+                    // Held back until the member reports records cleared.
+                    return;
+                }
+                record.in_log.push_back((seq, size));
+                record.in_log_bytes += size;
+                self.send_update(member, seq);
+            }
+            self.members[member].next_to_send = seq + 1;
+        }
     }
 
     /// Claim 7: the sent indicator is set as the update is handed over.
@@ -691,14 +775,15 @@ impl<P: Clone> Primary<P> {
         self.progress();
     }
 
-    /// A member's connection is up and its log would append `log_next_seq`
-    /// next. Re-sends whatever it lacks from the window.
+    /// A member's connection is up and its log stands at `log`. Re-sends
+    /// whatever it lacks from the window.
     pub fn member_connected(
         &mut self,
         member: usize,
-        log_next_seq: u64,
+        log: MemberLog,
         now_ms: u64,
     ) -> Result<(), MemberRefusal> {
+        let log_next_seq = log.next_seq;
         self.set_now(now_ms);
         match self.members[member].state {
             MemberState::Dropped => return Err(MemberRefusal::Dropped),
@@ -721,6 +806,15 @@ impl<P: Clone> Primary<P> {
         record.state = MemberState::Connected;
         record.logged_seq = log_next_seq - 1;
         record.durable_seq = record.durable_seq.min(record.logged_seq);
+        // What its log holds now: the sizes of its records are unknown, so
+        // they count as one lump freed when the last of them is cleared.
+        record.cleared_seq = log.start_seq - 1;
+        record.in_log.clear();
+        record.in_log_bytes = log.used_bytes;
+        if log.used_bytes > 0 {
+            record.in_log.push_back((log_next_seq - 1, log.used_bytes));
+        }
+        record.next_to_send = log_next_seq;
         let bit = 1u64 << member;
         for seq in self.window_start_seq..self.next_seq {
             if self.tracker.set_mask(seq) & bit == 0 {
@@ -732,9 +826,9 @@ impl<P: Clone> Primary<P> {
                 self.tracker.mark_received(member, seq);
             } else {
                 self.tracker.reset_member(member, seq);
-                self.send_update(member, seq);
             }
         }
+        self.send_pending(member);
         let flushes: Vec<u64> = self
             .flushes
             .iter()
@@ -770,10 +864,14 @@ impl<P: Clone> Primary<P> {
     pub fn ack_received(
         &mut self,
         member: usize,
-        logged_seq: u64,
-        durable_seq: u64,
+        ack: MemberAck,
         now_ms: u64,
     ) -> Result<(), AckViolation> {
+        let MemberAck {
+            logged_seq,
+            durable_seq,
+            cleared_seq,
+        } = ack;
         self.set_now(now_ms);
         let record = &self.members[member];
         if record.state != MemberState::Connected {
@@ -797,6 +895,15 @@ impl<P: Clone> Primary<P> {
                 logged: logged_seq,
             });
         }
+        if cleared_seq > self.all_acked_seq.max(record.cleared_seq)
+            || cleared_seq < record.cleared_seq
+        {
+            return Err(AckViolation::Cleared {
+                cleared: cleared_seq,
+                previous: record.cleared_seq,
+                all_acked: self.all_acked_seq,
+            });
+        }
         let bit = 1u64 << member;
         let first = (record.logged_seq + 1).max(self.window_start_seq);
         for seq in first..=logged_seq {
@@ -807,6 +914,16 @@ impl<P: Clone> Primary<P> {
         let record = &mut self.members[member];
         record.logged_seq = logged_seq;
         record.durable_seq = record.durable_seq.max(durable_seq);
+        record.cleared_seq = cleared_seq;
+        while record
+            .in_log
+            .front()
+            .is_some_and(|&(seq, _)| seq <= cleared_seq)
+        {
+            let (_, size) = record.in_log.pop_front().expect("front exists");
+            record.in_log_bytes -= size;
+        }
+        self.send_pending(member);
         self.progress();
         Ok(())
     }
@@ -1041,6 +1158,25 @@ mod tests {
 
     const BLOCK: u64 = 4096;
     const BLOCKS: u64 = 32;
+    /// Each secondary's ring: room for a few records only, so the primary's
+    /// flow control is exercised all the time.
+    const RING_BYTES: u64 = 16 * BLOCK;
+
+    fn empty_log() -> MemberLog {
+        MemberLog {
+            start_seq: 1,
+            next_seq: 1,
+            used_bytes: 0,
+        }
+    }
+
+    fn ack(logged_seq: u64, durable_seq: u64, cleared_seq: u64) -> MemberAck {
+        MemberAck {
+            logged_seq,
+            durable_seq,
+            cleared_seq,
+        }
+    }
 
     /// A small deterministic generator, so a failing seed replays exactly.
     struct Rng(u64);
@@ -1059,8 +1195,10 @@ mod tests {
     /// A secondary as the primary sees it through a perfect, ordered link.
     #[derive(Default)]
     struct SimMember {
-        inbox: VecDeque<(u64, u64, u64)>, // (seq, offset, request id)
+        inbox: VecDeque<(u64, u64, u64, u64)>, // (seq, offset, request id, all-acked)
         log: Vec<(u64, u64, u64)>,
+        all_acked_known: u64,
+        cleared_seq: u64,
         durable_seq: u64,
         flush_wanted: u64,
         connected: bool,
@@ -1095,10 +1233,10 @@ mod tests {
                 block_size_bytes: BLOCK as u32,
                 write_max_bytes: 8 * BLOCK as u32,
             };
-            let mut primary = Primary::new(limits, geometry, member_count, 1, 0);
+            let mut primary = Primary::new(limits, geometry, &vec![RING_BYTES; member_count], 1, 0);
             let mut members = Vec::new();
             for member in 0..member_count {
-                primary.member_connected(member, 1, 0).unwrap();
+                primary.member_connected(member, empty_log(), 0).unwrap();
                 members.push(SimMember {
                     connected: true,
                     ..SimMember::default()
@@ -1152,11 +1290,12 @@ mod tests {
                         offset_bytes,
                         payload,
                         fua,
-                        ..
+                        all_acked_seq,
                     } => {
                         let sim = &mut self.members[member];
                         assert!(sim.connected, "update {seq} sent to disconnected member {member} (primary thinks connected: {})", self.primary.is_connected(member));
-                        sim.inbox.push_back((seq, offset_bytes, payload));
+                        sim.inbox
+                            .push_back((seq, offset_bytes, payload, all_acked_seq));
                         if fua {
                             sim.flush_wanted = sim.flush_wanted.max(seq);
                         }
@@ -1166,8 +1305,9 @@ mod tests {
                         sim.flush_wanted = sim.flush_wanted.max(seq);
                     }
                     Action::SendAllAcked { member, seq } => {
+                        let target = &mut self.members[member];
+                        target.all_acked_known = target.all_acked_known.max(seq);
                         for sim in &self.members {
-                            let _ = member;
                             assert!(
                                 sim.log.len() as u64 >= seq || !sim.connected,
                                 "all-acked {seq} passed a member's log"
@@ -1236,6 +1376,14 @@ mod tests {
                 .unwrap();
         }
 
+        /// Ring bytes of the member's records not yet cleared.
+        fn used_bytes(sim: &SimMember, lengths: &HashMap<u64, u64>) -> u64 {
+            sim.log[sim.cleared_seq as usize..]
+                .iter()
+                .map(|(_, _, id)| crate::core::secondary::record_size_bytes(lengths[id] as u32))
+                .sum()
+        }
+
         fn step(&mut self, rng: &mut Rng) -> bool {
             let choice = rng.below(8);
             match choice {
@@ -1261,9 +1409,10 @@ mod tests {
                     if !sim.connected {
                         return false;
                     }
-                    let Some((seq, offset, id)) = sim.inbox.pop_front() else {
+                    let Some((seq, offset, id, all_acked)) = sim.inbox.pop_front() else {
                         return false;
                     };
+                    sim.all_acked_known = sim.all_acked_known.max(all_acked);
                     assert_eq!(
                         seq,
                         sim.log.len() as u64 + 1,
@@ -1273,6 +1422,11 @@ mod tests {
                     for block in 0..self.lengths[&id] / BLOCK {
                         sim.copy.insert(offset / BLOCK + block, id);
                     }
+                    let used = Self::used_bytes(sim, &self.lengths);
+                    assert!(
+                        used <= RING_BYTES,
+                        "member {member}'s log overfilled: {used} bytes"
+                    );
                     let durable = if sim.flush_wanted > sim.durable_seq
                         && sim.log.len() as u64 >= sim.flush_wanted.min(seq)
                     {
@@ -1282,8 +1436,9 @@ mod tests {
                     };
                     sim.durable_seq = durable;
                     let logged = sim.log.len() as u64;
+                    let cleared = sim.cleared_seq;
                     self.primary
-                        .ack_received(member, logged, durable, self.now_ms)
+                        .ack_received(member, ack(logged, durable, cleared), self.now_ms)
                         .unwrap();
                 }
                 4 => {
@@ -1291,11 +1446,17 @@ mod tests {
                     let Some(sim) = self.members.get_mut(member) else {
                         return false;
                     };
-                    if sim.connected && sim.flush_wanted > sim.durable_seq {
-                        sim.durable_seq = sim.log.len() as u64;
-                        let (logged, durable) = (sim.log.len() as u64, sim.durable_seq);
+                    // Sync if asked, clear what is all-acked, and say so.
+                    let clearable = sim.all_acked_known.min(sim.log.len() as u64);
+                    let changed = sim.flush_wanted > sim.durable_seq || clearable > sim.cleared_seq;
+                    if sim.connected && changed {
+                        if sim.flush_wanted > sim.durable_seq {
+                            sim.durable_seq = sim.log.len() as u64;
+                        }
+                        sim.cleared_seq = clearable;
+                        let answer = ack(sim.log.len() as u64, sim.durable_seq, sim.cleared_seq);
                         self.primary
-                            .ack_received(member, logged, durable, self.now_ms)
+                            .ack_received(member, answer, self.now_ms)
                             .unwrap();
                     } else {
                         return false;
@@ -1317,9 +1478,13 @@ mod tests {
                     self.pump();
                     let sim = &mut self.members[member];
                     sim.connected = true;
-                    let next = sim.log.len() as u64 + 1;
+                    let log = MemberLog {
+                        start_seq: sim.cleared_seq + 1,
+                        next_seq: sim.log.len() as u64 + 1,
+                        used_bytes: Self::used_bytes(sim, &self.lengths),
+                    };
                     self.primary
-                        .member_connected(member, next, self.now_ms)
+                        .member_connected(member, log, self.now_ms)
                         .unwrap();
                 }
                 _ => return false,
@@ -1388,11 +1553,11 @@ mod tests {
         sim.pump();
         assert!(sim.completed.is_empty(), "no secondary has acked yet");
         sim.members[0].log.push((1, offset, id));
-        sim.primary.ack_received(0, 1, 0, 0).unwrap();
+        sim.primary.ack_received(0, ack(1, 0, 0), 0).unwrap();
         sim.pump();
         assert!(sim.completed.is_empty(), "one secondary of two has acked");
         sim.members[1].log.push((1, offset, id));
-        sim.primary.ack_received(1, 1, 0, 0).unwrap();
+        sim.primary.ack_received(1, ack(1, 0, 0), 0).unwrap();
         sim.pump();
         assert_eq!(sim.completed, vec![1]);
     }
@@ -1404,7 +1569,7 @@ mod tests {
         sim.submit_write(1, &mut rng);
         sim.pump();
         sim.primary.local_write_done(1, Ok(()), 0);
-        sim.primary.ack_received(0, 1, 0, 0).unwrap();
+        sim.primary.ack_received(0, ack(1, 0, 0), 0).unwrap();
         assert_eq!(sim.primary.all_acked_seq(), 1);
         assert_eq!(sim.primary.poll_timeout(), Some(10));
         sim.primary.handle_timeout(9);
@@ -1432,11 +1597,11 @@ mod tests {
             block_size_bytes: 4096,
             write_max_bytes: 1 << 16,
         };
-        let mut primary: Primary<()> = Primary::new(limits, geometry, 2, 1, 0);
-        primary.member_connected(0, 1, 0).unwrap();
+        let mut primary: Primary<()> = Primary::new(limits, geometry, &[1 << 20, 1 << 20], 1, 0);
+        primary.member_connected(0, empty_log(), 0).unwrap();
         primary.submit_write(1, 0, 4096, false, (), 0).unwrap();
         primary.local_write_done(1, Ok(()), 0);
-        primary.ack_received(0, 1, 0, 0).unwrap();
+        primary.ack_received(0, ack(1, 0, 0), 0).unwrap();
         let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
         assert!(
             !actions.iter().any(|a| matches!(a, Action::Complete { .. })),
@@ -1455,7 +1620,7 @@ mod tests {
             }
         )));
         assert_eq!(
-            primary.member_connected(1, 1, 200),
+            primary.member_connected(1, empty_log(), 200),
             Err(MemberRefusal::Dropped)
         );
     }
@@ -1484,7 +1649,15 @@ mod tests {
         let mut sim = Sim::new(1);
         sim.primary.member_disconnected(0, 0);
         assert!(matches!(
-            sim.primary.member_connected(0, 5, 0),
+            sim.primary.member_connected(
+                0,
+                MemberLog {
+                    start_seq: 5,
+                    next_seq: 5,
+                    used_bytes: 0
+                },
+                0
+            ),
             Err(MemberRefusal::Ahead { .. })
         ));
     }

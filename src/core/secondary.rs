@@ -174,6 +174,9 @@ pub enum Action<P> {
         logged_seq: u64,
         /// Every update up to here is durable in the log.
         durable_seq: u64,
+        /// Every update up to here is cleared: its ring space is free, and the
+        /// primary may send that much more.
+        cleared_seq: u64,
     },
     /// Apply the update to the copy, then report [`Secondary::applied`].
     Apply {
@@ -234,7 +237,7 @@ pub struct Secondary<P> {
     clear_in_flight: Option<ClearStep>,
     last_clear_ms: u64,
     waiting_for_space: bool,
-    acked: (u64, u64),
+    acked: (u64, u64, u64),
     now_ms: u64,
     actions: VecDeque<Action<P>>,
 }
@@ -302,7 +305,7 @@ impl<P: Clone> Secondary<P> {
             clear_in_flight: None,
             last_clear_ms: now_ms,
             waiting_for_space: false,
-            acked: (0, 0),
+            acked: (0, 0, 0),
             now_ms,
             actions: VecDeque::new(),
         }
@@ -368,7 +371,7 @@ impl<P: Clone> Secondary<P> {
     /// A new primary connection: the next ack goes out even if unchanged, so
     /// that the new primary learns where this log stands.
     pub fn connection_started(&mut self) {
-        self.acked = (0, 0);
+        self.acked = (0, 0, 0);
     }
 
     fn set_now(&mut self, now_ms: u64) {
@@ -616,12 +619,13 @@ impl<P: Clone> Secondary<P> {
         } else {
             self.logged_seq
         };
-        let ack = (logged, self.durable_seq);
+        let ack = (logged, self.durable_seq, self.start_seq - 1);
         if ack != self.acked {
             self.acked = ack;
             self.actions.push_back(Action::SendAck {
                 logged_seq: ack.0,
                 durable_seq: ack.1,
+                cleared_seq: ack.2,
             });
         }
     }
@@ -769,7 +773,8 @@ mod tests {
             action,
             Action::SendAck {
                 logged_seq: 3,
-                durable_seq: 0
+                durable_seq: 0,
+                ..
             }
         )));
     }
@@ -792,7 +797,8 @@ mod tests {
             action,
             Action::SendAck {
                 logged_seq: 2,
-                durable_seq: 2
+                durable_seq: 2,
+                ..
             }
         )));
     }
@@ -813,7 +819,8 @@ mod tests {
             action,
             Action::SendAck {
                 logged_seq: 1,
-                durable_seq: 1
+                durable_seq: 1,
+                ..
             }
         )));
     }
@@ -859,6 +866,30 @@ mod tests {
         assert_eq!(node.start_seq(), 5);
         assert_eq!(node.used_bytes(), 0);
         assert_eq!(node.start_offset(), 4 * 8192);
+    }
+
+    #[test]
+    fn clearing_is_reported_in_an_ack() {
+        let mut node = empty(false);
+        for seq in 1..=2 {
+            let _ = offer(&mut node, seq, 4096, false, 0);
+        }
+        run(&mut node, 0);
+        node.all_acked(2, 100).unwrap();
+        let mut acks = Vec::new();
+        while let Some(action) = node.poll_action() {
+            match action {
+                Action::SyncCopy { through_seq } => node.copy_synced(through_seq, 100),
+                Action::PersistStart { .. } => node.start_persisted(100),
+                Action::SendAck { cleared_seq, .. } => acks.push(cleared_seq),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            acks,
+            vec![2],
+            "the primary learns that seqs 1-2 are cleared"
+        );
     }
 
     #[test]

@@ -20,13 +20,16 @@ use super::error::NodeError;
 use super::volume::{Command, Payload, VolumeError, VolumeStatus};
 use crate::buf::AlignedBuf;
 use crate::config::{Config, NodeConfig};
-use crate::core::primary::{Action, Geometry, Primary, PrimaryLimits, RequestId};
+use crate::core::primary::{
+    Action, Geometry, MemberAck, MemberLog, Primary, PrimaryLimits, RequestId,
+};
 use crate::net::{self, FrameReader, Outbox};
 use crate::proto::{
     encode_update_header, Ack, ErrorCode, ErrorFrame, Frame, Hello, LogState, Role, UpdateHeader,
     PROTOCOL_VERSION, UPDATE_DATA_MAX_BYTES, UPDATE_FLAG_FUA,
 };
 use crate::store::DataFile;
+use crate::wal::LOG_HEADER_SIZE_BYTES;
 
 /// How long a clean stop waits for in-flight requests and the final
 /// all-acked notification.
@@ -110,7 +113,10 @@ pub(crate) fn run(
             core: RefCell::new(Primary::new(
                 limits,
                 geometry,
-                secondaries.len(),
+                &secondaries
+                    .iter()
+                    .map(|secondary| secondary.log_size_bytes - LOG_HEADER_SIZE_BYTES)
+                    .collect::<Vec<u64>>(),
                 first_seq,
                 0,
             )),
@@ -240,6 +246,14 @@ fn starting_seq(
         });
     }
     Ok(first)
+}
+
+fn member_log(log: &LogState) -> MemberLog {
+    MemberLog {
+        start_seq: log.start_seq,
+        next_seq: log.next_seq,
+        used_bytes: log.used_bytes,
+    }
 }
 
 /// Connects to a secondary and exchanges Hello and LogState.
@@ -529,7 +543,7 @@ impl Engine {
         let connected =
             self.core
                 .borrow_mut()
-                .member_connected(member, log.next_seq, self.now_ms());
+                .member_connected(member, member_log(&log), self.now_ms());
         if let Err(refusal) = connected {
             outbox.send_frame(&Frame::Error(ErrorFrame::new(
                 ErrorCode::OutOfSync,
@@ -564,14 +578,15 @@ impl Engine {
                     Frame::Ack(Ack {
                         logged_seq,
                         durable_seq,
+                        cleared_seq,
                     }) => {
                         let now = self.now_ms();
-                        let acked = self.core.borrow_mut().ack_received(
-                            member,
+                        let ack = MemberAck {
                             logged_seq,
                             durable_seq,
-                            now,
-                        );
+                            cleared_seq,
+                        };
+                        let acked = self.core.borrow_mut().ack_received(member, ack, now);
                         if let Err(violation) = acked {
                             outbox.send_frame(&Frame::Error(ErrorFrame::new(
                                 ErrorCode::BadFrame,

@@ -249,6 +249,7 @@ impl Node {
             start_seq: core.start_seq(),
             next_seq: core.next_seq(),
             applied_seq: core.applied_seq(),
+            used_bytes: core.used_bytes(),
         }
     }
 
@@ -545,11 +546,13 @@ impl Node {
                 Action::SendAck {
                     logged_seq,
                     durable_seq,
+                    cleared_seq,
                 } => {
                     if let Some((_, outbox)) = self.session.borrow().as_ref() {
                         outbox.send_frame(&Frame::Ack(crate::proto::Ack {
                             logged_seq,
                             durable_seq,
+                            cleared_seq,
                         }));
                     }
                 }

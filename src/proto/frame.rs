@@ -44,7 +44,7 @@ pub const UPDATE_FLAGS_KNOWN: u32 = UPDATE_FLAG_FUA;
 /// Body size of Hello.
 pub const HELLO_BODY_SIZE_BYTES: usize = 32;
 /// Body size of Ack.
-pub const ACK_BODY_SIZE_BYTES: usize = 16;
+pub const ACK_BODY_SIZE_BYTES: usize = 24;
 /// Body size of AllAcked.
 pub const ALL_ACKED_BODY_SIZE_BYTES: usize = 8;
 /// Body size of Flush.
@@ -52,7 +52,7 @@ pub const FLUSH_BODY_SIZE_BYTES: usize = 8;
 /// Body size of LogStateQuery.
 pub const LOG_STATE_QUERY_BODY_SIZE_BYTES: usize = 0;
 /// Body size of LogState.
-pub const LOG_STATE_BODY_SIZE_BYTES: usize = 32;
+pub const LOG_STATE_BODY_SIZE_BYTES: usize = 40;
 /// Size of the fixed part of an Error body, before the message.
 pub const ERROR_FIXED_SIZE_BYTES: usize = 8;
 /// Largest Error body.
@@ -96,7 +96,8 @@ const _: () = assert!(UPDATE_ALL_ACKED_SEQ_AT + U64_SIZE_BYTES == UPDATE_FIXED_S
 // Ack.
 const ACK_LOGGED_SEQ_AT: usize = 0;
 const ACK_DURABLE_SEQ_AT: usize = ACK_LOGGED_SEQ_AT + U64_SIZE_BYTES;
-const _: () = assert!(ACK_DURABLE_SEQ_AT + U64_SIZE_BYTES == ACK_BODY_SIZE_BYTES);
+const ACK_CLEARED_SEQ_AT: usize = ACK_DURABLE_SEQ_AT + U64_SIZE_BYTES;
+const _: () = assert!(ACK_CLEARED_SEQ_AT + U64_SIZE_BYTES == ACK_BODY_SIZE_BYTES);
 
 // AllAcked and Flush.
 const ALL_ACKED_SEQ_AT: usize = 0;
@@ -109,7 +110,8 @@ const LOG_STATE_EPOCH_AT: usize = 0;
 const LOG_STATE_START_SEQ_AT: usize = LOG_STATE_EPOCH_AT + U64_SIZE_BYTES;
 const LOG_STATE_NEXT_SEQ_AT: usize = LOG_STATE_START_SEQ_AT + U64_SIZE_BYTES;
 const LOG_STATE_APPLIED_SEQ_AT: usize = LOG_STATE_NEXT_SEQ_AT + U64_SIZE_BYTES;
-const _: () = assert!(LOG_STATE_APPLIED_SEQ_AT + U64_SIZE_BYTES == LOG_STATE_BODY_SIZE_BYTES);
+const LOG_STATE_USED_BYTES_AT: usize = LOG_STATE_APPLIED_SEQ_AT + U64_SIZE_BYTES;
+const _: () = assert!(LOG_STATE_USED_BYTES_AT + U64_SIZE_BYTES == LOG_STATE_BODY_SIZE_BYTES);
 
 // Error (fixed part; the message follows it).
 const ERROR_CODE_AT: usize = 0;
@@ -413,6 +415,9 @@ pub struct Ack {
     pub logged_seq: u64,
     /// Every update with seq <= this is fdatasynced.
     pub durable_seq: u64,
+    /// Every update with seq <= this is cleared from the log: its ring space
+    /// is free again. The primary never sends more than the log can hold.
+    pub cleared_seq: u64,
 }
 
 /// LogState body.
@@ -427,6 +432,8 @@ pub struct LogState {
     pub next_seq: u64,
     /// Highest seq applied to the node's copy.
     pub applied_seq: u64,
+    /// Ring bytes held by records not yet cleared.
+    pub used_bytes: u64,
 }
 
 /// Error body: a code for programs and a message for people.
@@ -526,6 +533,7 @@ impl Frame<'_> {
             Frame::Ack(a) => {
                 out.extend_from_slice(&a.logged_seq.to_le_bytes());
                 out.extend_from_slice(&a.durable_seq.to_le_bytes());
+                out.extend_from_slice(&a.cleared_seq.to_le_bytes());
             }
             Frame::AllAcked { seq } | Frame::Flush { seq } => {
                 out.extend_from_slice(&seq.to_le_bytes());
@@ -536,6 +544,7 @@ impl Frame<'_> {
                 out.extend_from_slice(&s.start_seq.to_le_bytes());
                 out.extend_from_slice(&s.next_seq.to_le_bytes());
                 out.extend_from_slice(&s.applied_seq.to_le_bytes());
+                out.extend_from_slice(&s.used_bytes.to_le_bytes());
             }
             Frame::Error(e) => {
                 let message = cut_at_char_boundary(&e.message, ERROR_MESSAGE_MAX_BYTES);
@@ -633,6 +642,7 @@ pub fn decode_body<'a>(
             Ok(Frame::Ack(Ack {
                 logged_seq: le_u64(b, ACK_LOGGED_SEQ_AT),
                 durable_seq: le_u64(b, ACK_DURABLE_SEQ_AT),
+                cleared_seq: le_u64(b, ACK_CLEARED_SEQ_AT),
             }))
         }
         FrameKind::AllAcked => {
@@ -658,6 +668,7 @@ pub fn decode_body<'a>(
                 start_seq: le_u64(b, LOG_STATE_START_SEQ_AT),
                 next_seq: le_u64(b, LOG_STATE_NEXT_SEQ_AT),
                 applied_seq: le_u64(b, LOG_STATE_APPLIED_SEQ_AT),
+                used_bytes: le_u64(b, LOG_STATE_USED_BYTES_AT),
             }))
         }
         FrameKind::Error => decode_error(header.body_len, body),
@@ -949,6 +960,7 @@ mod tests {
             Frame::Ack(Ack {
                 logged_seq: 100,
                 durable_seq: 98,
+                cleared_seq: 90,
             }),
             Frame::AllAcked { seq: 97 },
             Frame::Flush { seq: 101 },
@@ -958,6 +970,7 @@ mod tests {
                 start_seq: 10,
                 next_seq: 20,
                 applied_seq: 19,
+                used_bytes: 81920,
             }),
             Frame::Error(ErrorFrame::new(ErrorCode::StaleEpoch, "epoch 3 < 5 ✓")),
         ]
@@ -1256,6 +1269,7 @@ mod tests {
         let mut b = encode(&Frame::Ack(Ack {
             logged_seq: 1,
             durable_seq: 1,
+            cleared_seq: 0,
         }));
         let last = b.len() - 1;
         b[last] ^= 1;
@@ -1522,12 +1536,13 @@ mod tests {
         let b = encode(&Frame::Ack(Ack {
             logged_seq: 3,
             durable_seq: 2,
+            cleared_seq: 1,
         }));
         let hb: [u8; 16] = b[..16].try_into().unwrap();
         let header = FrameHeader::decode(&hb).unwrap();
         assert!(matches!(
             decode_body(&header, &hb, &b[16..b.len() - 1]),
-            Err(ProtoError::BodyBufferLength { given: 15, .. })
+            Err(ProtoError::BodyBufferLength { given: 23, .. })
         ));
         let lying = FrameHeader {
             kind: FrameKind::Flush,
@@ -1611,22 +1626,25 @@ mod tests {
                 };
                 Owned::Update(header, data)
             });
-        let ack = (any::<u64>(), any::<u64>()).prop_map(|(logged_seq, durable_seq)| {
+        let ack = any::<[u64; 3]>().prop_map(|[logged_seq, durable_seq, cleared_seq]| {
             Owned::Other(Frame::Ack(Ack {
                 logged_seq,
                 durable_seq,
+                cleared_seq,
             }))
         });
         let all_acked = any::<u64>().prop_map(|seq| Owned::Other(Frame::AllAcked { seq }));
         let flush = any::<u64>().prop_map(|seq| Owned::Other(Frame::Flush { seq }));
-        let log_state = any::<[u64; 4]>().prop_map(|[epoch, start_seq, next_seq, applied_seq]| {
-            Owned::Other(Frame::LogState(LogState {
-                epoch,
-                start_seq,
-                next_seq,
-                applied_seq,
-            }))
-        });
+        let log_state =
+            any::<[u64; 5]>().prop_map(|[epoch, start_seq, next_seq, applied_seq, used_bytes]| {
+                Owned::Other(Frame::LogState(LogState {
+                    epoch,
+                    start_seq,
+                    next_seq,
+                    applied_seq,
+                    used_bytes,
+                }))
+            });
         let error = (arb_code(), "\\PC{0,300}").prop_filter_map("fits", |(code, message)| {
             (message.len() <= ERROR_MESSAGE_MAX_BYTES)
                 .then_some(Owned::Other(Frame::Error(ErrorFrame { code, message })))

@@ -1,0 +1,831 @@
+//! `replblk-bench`: what replication costs, measured against a local
+//! O_DIRECT file on the same filesystem in the same run.
+//!
+//! ```text
+//! cargo build --release && target/release/replblk-bench
+//! target/release/replblk-bench --seconds 5 --markdown   # also a Markdown table
+//! target/release/replblk-bench --dir /mnt/ssd/bench     # files under a chosen directory
+//! ```
+//!
+//! Three workloads (4 KiB random writes at queue depth 1 and 32, 1 MiB
+//! sequential writes at queue depth 4) run against four targets:
+//!
+//! - `local`: a 1 GiB file opened with O_DIRECT, written with tokio-uring
+//!   (no fdatasync, as a volume write completes without one too);
+//! - `replblk-0`, `replblk-1`, `replblk-2`: a 1 GiB volume with 0, 1 and 2
+//!   `replblkd` secondaries on 127.0.0.1, the primary in this process
+//!   through the volume API, with the default replication config.
+//!
+//! Each workload runs `--seconds` after a one-second warm-up that is not
+//! measured. Every file lives in a fresh directory under `--dir` (default
+//! `target/bench` under the current directory: not /tmp, which may be tmpfs)
+//! that is removed at the end, also on error or on a first Ctrl-C.
+
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use tokio::task::{JoinSet, LocalSet};
+
+use replblk::buf::{AlignedBuf, SharedBuf};
+use replblk::config::ReplicationConfig;
+use replblk::node::local_cluster::{LocalCluster, PRIMARY_NODE_ID};
+use replblk::node::volume::Volume;
+
+/// Size of the volume, and of the local baseline file.
+const VOLUME_BYTES: u64 = 1 << 30;
+/// Size of each secondary's log.
+const LOG_BYTES: u64 = 256 << 20;
+/// Unmeasured run before each workload's measured seconds.
+const WARMUP: Duration = Duration::from_secs(1);
+/// How long the writes still in flight at the end of a workload may take
+/// to complete before the run is declared hung.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the secondaries may take to apply and clear their logs after a
+/// workload (unmeasured, so that one workload's backlog does not slow the
+/// next).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Highest latency the histograms hold, in µs; longer ones are clamped.
+const LATENCY_MAX_US: u64 = 60_000_000;
+/// Secondaries of the replicated targets.
+const SECONDARIES: [usize; 3] = [0, 1, 2];
+/// The default parent of the run directory, relative to the current one.
+const DEFAULT_PARENT: &str = "target/bench";
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Measures replblk's write IOPS, throughput and latency against a local O_DIRECT file"
+)]
+struct Cli {
+    /// Directory to put the files under (a fresh subdirectory is made and
+    /// removed at the end). Default: target/bench under the current
+    /// directory. It must not be tmpfs: the baseline uses O_DIRECT.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Measured seconds per workload and target (after 1 s of warm-up).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    seconds: u64,
+    /// The replblkd binary. Default: the one next to this executable.
+    #[arg(long)]
+    replblkd: Option<PathBuf>,
+    /// Also print the results as Markdown (for docs/BENCHMARKS.md).
+    #[arg(long)]
+    markdown: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pattern {
+    /// Block-aligned offsets, uniform over the volume.
+    Random,
+    /// One block after the other, wrapping at the end of the volume.
+    Sequential,
+}
+
+struct Workload {
+    name: &'static str,
+    block_bytes: u64,
+    queue_depth: usize,
+    pattern: Pattern,
+    seed: u64,
+}
+
+const WORKLOADS: [Workload; 3] = [
+    Workload {
+        name: "4 KiB random write, QD1",
+        block_bytes: 4096,
+        queue_depth: 1,
+        pattern: Pattern::Random,
+        seed: 0x5EED_0001,
+    },
+    Workload {
+        name: "4 KiB random write, QD32",
+        block_bytes: 4096,
+        queue_depth: 32,
+        pattern: Pattern::Random,
+        seed: 0x5EED_0032,
+    },
+    Workload {
+        name: "1 MiB sequential write, QD4",
+        block_bytes: 1 << 20,
+        queue_depth: 4,
+        pattern: Pattern::Sequential,
+        seed: 0x5EED_1004,
+    },
+];
+const QD1: usize = 0;
+const QD32: usize = 1;
+const SEQ: usize = 2;
+
+/// What one workload measured on one target.
+#[derive(Clone, Copy)]
+struct Measured {
+    iops: f64,
+    mib_per_s: f64,
+    p50_us: u64,
+    p99_us: u64,
+}
+
+/// One target's figures, one per workload.
+struct TargetResult {
+    name: String,
+    measured: Vec<Measured>,
+}
+
+/// Something the workloads write to.
+trait Target {
+    async fn write(&self, offset_bytes: u64, data: SharedBuf) -> anyhow::Result<()>;
+}
+
+/// The baseline: a local O_DIRECT file through tokio-uring.
+struct LocalFile(tokio_uring::fs::File);
+
+impl Target for LocalFile {
+    async fn write(&self, offset_bytes: u64, data: SharedBuf) -> anyhow::Result<()> {
+        let length = data.len();
+        let (result, _) = self.0.write_at(data, offset_bytes).submit().await;
+        let written =
+            result.with_context(|| format!("writing the local file at {offset_bytes}"))?;
+        if written != length {
+            bail!("short write to the local file at {offset_bytes}: {written} of {length} bytes");
+        }
+        Ok(())
+    }
+}
+
+/// A replicated volume through the volume API.
+struct ReplicatedVolume(Rc<Volume>);
+
+impl Target for ReplicatedVolume {
+    async fn write(&self, offset_bytes: u64, data: SharedBuf) -> anyhow::Result<()> {
+        self.0
+            .write(offset_bytes, data, false)
+            .await
+            .with_context(|| format!("writing the volume at {offset_bytes}"))
+    }
+}
+
+/// xorshift64*: a fixed seed gives every target the same offsets.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in 0..bound (multiply-high, no modulo bias to speak of).
+    fn below(&mut self, bound: u64) -> u64 {
+        ((u128::from(self.next()) * u128::from(bound)) >> 64) as u64
+    }
+}
+
+/// Where the next write goes, shared by one workload's workers.
+struct Offsets {
+    pattern: Pattern,
+    block_bytes: u64,
+    blocks: u64,
+    rng: Rng,
+    next_block: u64,
+}
+
+impl Offsets {
+    fn new(workload: &Workload) -> Offsets {
+        Offsets {
+            pattern: workload.pattern,
+            block_bytes: workload.block_bytes,
+            blocks: VOLUME_BYTES / workload.block_bytes,
+            rng: Rng(workload.seed | 1),
+            next_block: 0,
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        let block = match self.pattern {
+            Pattern::Random => self.rng.below(self.blocks),
+            Pattern::Sequential => {
+                let block = self.next_block;
+                self.next_block = (block + 1) % self.blocks;
+                block
+            }
+        };
+        block * self.block_bytes
+    }
+}
+
+/// One workload's clock and offsets, shared by its workers (one thread).
+struct Run {
+    measure_from: Instant,
+    end: Instant,
+    offsets: RefCell<Offsets>,
+    interrupted: &'static AtomicBool,
+}
+
+/// What one worker saw in the measured window.
+struct WorkerTally {
+    completed: u64,
+    latency_us: Histogram<u64>,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).expect("valid histogram bounds")
+}
+
+/// Keeps one write in flight until the run ends. A write counts if it
+/// completes inside the measured window; its latency is recorded then.
+async fn worker<T: Target + 'static>(
+    target: Rc<T>,
+    run: Rc<Run>,
+    data: SharedBuf,
+) -> anyhow::Result<WorkerTally> {
+    let mut tally = WorkerTally {
+        completed: 0,
+        latency_us: histogram(),
+    };
+    loop {
+        if run.interrupted.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        let issued = Instant::now();
+        if issued >= run.end {
+            return Ok(tally);
+        }
+        let offset = run.offsets.borrow_mut().next();
+        target.write(offset, data.clone()).await?;
+        let done = Instant::now();
+        if done >= run.measure_from && done < run.end {
+            tally.completed += 1;
+            let micros = u64::try_from((done - issued).as_micros()).unwrap_or(u64::MAX);
+            tally.latency_us.saturating_record(micros.max(1));
+        }
+    }
+}
+
+/// A payload of `length` bytes that is not all zeroes.
+fn payload(length: u64) -> SharedBuf {
+    let mut buf = AlignedBuf::zeroed(length as usize);
+    for (index, byte) in buf.as_mut_slice().iter_mut().enumerate() {
+        *byte = (index as u8).wrapping_mul(31).wrapping_add(7);
+    }
+    SharedBuf::new(buf)
+}
+
+/// Runs `workload` on `target`: `queue_depth` workers, each keeping one
+/// write of the one shared payload in flight. Must run inside a LocalSet.
+async fn run_workload<T: Target + 'static>(
+    target: Rc<T>,
+    workload: &Workload,
+    seconds: u64,
+    interrupted: &'static AtomicBool,
+) -> anyhow::Result<Measured> {
+    let data = payload(workload.block_bytes);
+    let measured = Duration::from_secs(seconds);
+    let start = Instant::now();
+    let run = Rc::new(Run {
+        measure_from: start + WARMUP,
+        end: start + WARMUP + measured,
+        offsets: RefCell::new(Offsets::new(workload)),
+        interrupted,
+    });
+    let mut workers = JoinSet::new();
+    for _ in 0..workload.queue_depth {
+        workers.spawn_local(worker(target.clone(), run.clone(), data.clone()));
+    }
+    let collect = async {
+        let mut completed = 0u64;
+        let mut latency_us = histogram();
+        while let Some(joined) = workers.join_next().await {
+            let tally = joined.context("a worker task failed")??;
+            completed += tally.completed;
+            latency_us
+                .add(&tally.latency_us)
+                .context("merging latency histograms")?;
+        }
+        anyhow::Ok((completed, latency_us))
+    };
+    let limit = WARMUP + measured + DRAIN_TIMEOUT;
+    let (completed, latency_us) = tokio::time::timeout(limit, collect).await.map_err(|_| {
+        anyhow!(
+            "{}: writes still in flight {} s after the run's end",
+            workload.name,
+            DRAIN_TIMEOUT.as_secs()
+        )
+    })??;
+    if completed == 0 {
+        bail!(
+            "{}: no write completed in the measured window",
+            workload.name
+        );
+    }
+    let iops = completed as f64 / measured.as_secs_f64();
+    Ok(Measured {
+        iops,
+        mib_per_s: iops * workload.block_bytes as f64 / f64::from(1u32 << 20),
+        p50_us: latency_us.value_at_quantile(0.50),
+        p99_us: latency_us.value_at_quantile(0.99),
+    })
+}
+
+fn progress(target: &str, workload: &Workload, measured: &Measured) {
+    eprintln!(
+        "  {target:<10} {:<28} {:>9.0} IOPS {:>8.1} MiB/s  p50 {:>6} µs  p99 {:>6} µs",
+        workload.name, measured.iops, measured.mib_per_s, measured.p50_us, measured.p99_us
+    );
+}
+
+/// The baseline: the same workloads on a local O_DIRECT file, fdatasync'd
+/// between workloads (unmeasured).
+fn bench_local(
+    dir: &Path,
+    seconds: u64,
+    interrupted: &'static AtomicBool,
+) -> anyhow::Result<TargetResult> {
+    let path = dir.join("local.data");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .with_context(|| format!("opening {} with O_DIRECT", path.display()))?;
+    // Sparse, like the volume's copies.
+    file.set_len(VOLUME_BYTES)
+        .with_context(|| format!("sizing {}", path.display()))?;
+    let measured = tokio_uring::start(async {
+        let file = Rc::new(LocalFile(tokio_uring::fs::File::from_std(file)));
+        let mut measured = Vec::new();
+        for workload in &WORKLOADS {
+            let result = run_workload(file.clone(), workload, seconds, interrupted).await?;
+            progress("local", workload, &result);
+            measured.push(result);
+            file.0
+                .sync_data()
+                .await
+                .with_context(|| format!("fdatasync of {}", path.display()))?;
+        }
+        anyhow::Ok(measured)
+    })?;
+    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    Ok(TargetResult {
+        name: "local".into(),
+        measured,
+    })
+}
+
+/// The workloads on a volume with `secondaries` secondaries. Between
+/// workloads (unmeasured) the volume is flushed and every secondary's log
+/// applied and cleared.
+fn bench_volume(
+    dir: &Path,
+    replblkd: &Path,
+    secondaries: usize,
+    seconds: u64,
+    interrupted: &'static AtomicBool,
+) -> anyhow::Result<TargetResult> {
+    let name = format!("replblk-{secondaries}");
+    let cluster_dir = dir.join(&name);
+    std::fs::create_dir(&cluster_dir)
+        .with_context(|| format!("creating {}", cluster_dir.display()))?;
+    let mut cluster = LocalCluster::create(
+        &cluster_dir,
+        replblkd,
+        secondaries,
+        VOLUME_BYTES,
+        LOG_BYTES,
+        &ReplicationConfig::default(),
+    )
+    .map_err(|e| anyhow!("{name}: creating the cluster: {e}"))?;
+    cluster
+        .start_secondaries()
+        .map_err(|e| anyhow!("{name}: starting the secondaries: {e}"))?;
+    let volume = Rc::new(
+        Volume::start(cluster.config(), PRIMARY_NODE_ID)
+            .with_context(|| format!("{name}: starting the primary"))?,
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    let target = Rc::new(ReplicatedVolume(volume.clone()));
+    let mut measured = Vec::new();
+    for workload in &WORKLOADS {
+        let result = LocalSet::new().block_on(
+            &runtime,
+            run_workload(target.clone(), workload, seconds, interrupted),
+        )?;
+        progress(&name, workload, &result);
+        measured.push(result);
+        let status = runtime
+            .block_on(async {
+                volume.flush().await?;
+                volume.status().await
+            })
+            .with_context(|| format!("{name}: flushing after {}", workload.name))?;
+        cluster
+            .wait_logs_cleared(status.next_seq, SETTLE_TIMEOUT)
+            .map_err(|e| anyhow!("{name}: after {}: {e}", workload.name))?;
+    }
+    drop(target);
+    Rc::into_inner(volume)
+        .expect("the benchmark holds the only handle to the volume")
+        .stop()
+        .with_context(|| format!("{name}: stopping the primary"))?;
+    // Kills the secondaries before their files go.
+    drop(cluster);
+    std::fs::remove_dir_all(&cluster_dir)
+        .with_context(|| format!("removing {}", cluster_dir.display()))?;
+    Ok(TargetResult { name, measured })
+}
+
+/// The run directory; removed (with everything in it) when dropped, so on
+/// success, on error and on a panic alike.
+struct RunDir {
+    path: PathBuf,
+    /// The default parent, removed too if this run left it empty.
+    default_parent: Option<PathBuf>,
+}
+
+impl RunDir {
+    fn create(parent: Option<&Path>) -> anyhow::Result<RunDir> {
+        let (parent, default_parent) = match parent {
+            Some(parent) => (parent.to_owned(), None),
+            None => {
+                let parent = std::env::current_dir()
+                    .context("finding the current directory")?
+                    .join(DEFAULT_PARENT);
+                (parent.clone(), Some(parent))
+            }
+        };
+        std::fs::create_dir_all(&parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_nanos())
+            .unwrap_or(0);
+        let path = parent.join(format!("run-{}-{stamp}", std::process::id()));
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(RunDir {
+            path,
+            default_parent,
+        })
+    }
+
+    fn remove(&self) {
+        if let Err(error) = std::fs::remove_dir_all(&self.path) {
+            if error.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("replblk-bench: removing {}: {error}", self.path.display());
+            }
+        }
+        if let Some(parent) = &self.default_parent {
+            // Fails, harmlessly, if another run's files are there.
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// A first Ctrl-C stops the run cleanly (the workers notice, the run
+/// directory is removed); a second one removes the directory and exits.
+fn watch_ctrl_c(interrupted: &'static AtomicBool, dir: PathBuf) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the signal runtime")?;
+    std::thread::Builder::new()
+        .name("replblk-bench-signals".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                if tokio::signal::ctrl_c().await.is_err() {
+                    return;
+                }
+                eprintln!("replblk-bench: interrupted, stopping (Ctrl-C again to quit at once)");
+                interrupted.store(true, Ordering::Relaxed);
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    std::process::exit(130);
+                }
+            })
+        })
+        .context("spawning the signal thread")?;
+    Ok(())
+}
+
+/// The first line of a command's output, if it ran.
+fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let output = Command::new(program).args(args).output().ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// The filesystem type of `path`, from `df -T`, else /proc/mounts.
+fn filesystem_of(path: &Path) -> String {
+    let from_df = command_output("df", &["-T", &path.to_string_lossy()]).and_then(|text| {
+        let line = text.lines().nth(1)?.to_owned();
+        let mut fields = line.split_whitespace();
+        let device = fields.next()?.to_owned();
+        let kind = fields.next()?.to_owned();
+        let mount = fields.last().unwrap_or("?").to_owned();
+        Some(format!("{kind} ({device} on {mount})"))
+    });
+    if let Some(found) = from_df {
+        return found;
+    }
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (device, mount, kind) = (fields.first()?, fields.get(1)?, fields.get(2)?);
+            canonical
+                .starts_with(mount)
+                .then(|| (mount.len(), format!("{kind} ({device} on {mount})")))
+        })
+        .max_by_key(|(length, _)| *length)
+        .map(|(_, found)| found)
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn machine_line(dir: &Path) -> String {
+    let cores = command_output("nproc", &[]).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| "?".into())
+    });
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split_once(':'))
+                .map(|(_, model)| model.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = command_output("uname", &["-r"]).unwrap_or_else(|| "unknown".into());
+    format!(
+        "machine: nproc {cores}, CPU {cpu}, kernel {kernel}, filesystem of {}: {}",
+        dir.display(),
+        filesystem_of(dir)
+    )
+}
+
+/// The 1, 5 and 15 minute load averages: how busy the (shared) machine
+/// was when the run started.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// replblk / local for throughput (higher is better).
+fn ratio(value: f64, base: f64) -> f64 {
+    if base > 0.0 {
+        value / base
+    } else {
+        f64::NAN
+    }
+}
+
+struct Goal {
+    text: &'static str,
+    workload: usize,
+    achieved: fn(&Measured, &Measured) -> (f64, bool),
+}
+
+/// The issue's targets, for the volume with 2 secondaries.
+const GOALS: [Goal; 3] = [
+    Goal {
+        text: "4 KiB random QD32 IOPS >= 0.5x local",
+        workload: QD32,
+        achieved: |replicated, local| {
+            let r = ratio(replicated.iops, local.iops);
+            (r, r >= 0.5)
+        },
+    },
+    Goal {
+        text: "4 KiB random QD1 p50 <= 2x local",
+        workload: QD1,
+        achieved: |replicated, local| {
+            let r = ratio(replicated.p50_us as f64, local.p50_us as f64);
+            (r, r <= 2.0)
+        },
+    },
+    Goal {
+        text: "1 MiB sequential MiB/s >= 0.6x local",
+        workload: SEQ,
+        achieved: |replicated, local| {
+            let r = ratio(replicated.mib_per_s, local.mib_per_s);
+            (r, r >= 0.6)
+        },
+    },
+];
+
+/// One table row's cells: workload, target, IOPS, MiB/s, throughput ratio,
+/// p50, p50 ratio, p99, p99 ratio.
+fn rows(results: &[TargetResult]) -> Vec<[String; 9]> {
+    let local = &results[0];
+    let mut rows = Vec::new();
+    for (index, workload) in WORKLOADS.iter().enumerate() {
+        let base = &local.measured[index];
+        for result in results {
+            let m = &result.measured[index];
+            rows.push([
+                workload.name.to_owned(),
+                result.name.clone(),
+                format!("{:.0}", m.iops),
+                format!("{:.1}", m.mib_per_s),
+                format!("{:.2}x", ratio(m.iops, base.iops)),
+                m.p50_us.to_string(),
+                format!("{:.2}x", ratio(m.p50_us as f64, base.p50_us as f64)),
+                m.p99_us.to_string(),
+                format!("{:.2}x", ratio(m.p99_us as f64, base.p99_us as f64)),
+            ]);
+        }
+    }
+    rows
+}
+
+const HEADINGS: [&str; 9] = [
+    "workload", "target", "IOPS", "MiB/s", "vs local", "p50 µs", "vs local", "p99 µs", "vs local",
+];
+
+fn plain_table(rows: &[[String; 9]]) -> String {
+    let mut widths = HEADINGS.map(|h| h.chars().count());
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[&str]| {
+        let mut text = String::new();
+        for (column, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            let pad = " ".repeat(width - cell.chars().count());
+            if column < 2 {
+                text.push_str(cell);
+                text.push_str(&pad);
+            } else {
+                text.push_str(&pad);
+                text.push_str(cell);
+            }
+            text.push_str("  ");
+        }
+        text.trim_end().to_owned()
+    };
+    let mut text = line(&HEADINGS);
+    text.push('\n');
+    let mut previous = "";
+    for row in rows {
+        if !previous.is_empty() && previous != row[0] {
+            text.push('\n');
+        }
+        previous = &row[0];
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        text.push_str(&line(&cells));
+        text.push('\n');
+    }
+    text
+}
+
+fn markdown_table(rows: &[[String; 9]]) -> String {
+    let mut text = format!("| {} |\n", HEADINGS.join(" | "));
+    text.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    for row in rows {
+        let _ = writeln!(text, "| {} |", row.join(" | "));
+    }
+    text
+}
+
+/// The goals, each with its measured ratio and met/missed.
+fn goal_lines(results: &[TargetResult]) -> Vec<String> {
+    let local = &results[0];
+    let Some(two) = results.iter().find(|r| r.name == "replblk-2") else {
+        return Vec::new();
+    };
+    GOALS
+        .iter()
+        .map(|goal| {
+            let (measured, met) =
+                (goal.achieved)(&two.measured[goal.workload], &local.measured[goal.workload]);
+            format!(
+                "{}: measured {measured:.2}x, {}",
+                goal.text,
+                if met { "met" } else { "missed" }
+            )
+        })
+        .collect()
+}
+
+fn replblkd_path(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let path = match given {
+        Some(path) => path,
+        None => std::env::current_exe()
+            .context("finding this executable")?
+            .with_file_name("replblkd"),
+    };
+    if !path.is_file() {
+        bail!(
+            "replblkd not found at {}: build it with cargo build --release (or pass --replblkd PATH)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let replblkd = replblkd_path(cli.replblkd)?;
+    let run_dir = RunDir::create(cli.dir.as_deref())?;
+    let interrupted: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+    watch_ctrl_c(interrupted, run_dir.path.clone())?;
+
+    let machine = machine_line(
+        run_dir
+            .path
+            .parent()
+            .expect("the run directory has a parent"),
+    );
+    let setup = format!(
+        "setup: volume and local file {} GiB, log {} MiB per secondary, {} s per workload after {} s of warm-up, default ReplicationConfig, secondaries on 127.0.0.1; load average at start {}",
+        VOLUME_BYTES >> 30,
+        LOG_BYTES >> 20,
+        cli.seconds,
+        WARMUP.as_secs(),
+        load_average()
+    );
+    eprintln!("{machine}");
+    eprintln!("files under {}", run_dir.path.display());
+
+    let started = Instant::now();
+    let mut results = vec![bench_local(&run_dir.path, cli.seconds, interrupted)?];
+    for secondaries in SECONDARIES {
+        if interrupted.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        results.push(bench_volume(
+            &run_dir.path,
+            &replblkd,
+            secondaries,
+            cli.seconds,
+            interrupted,
+        )?);
+    }
+    eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
+    run_dir.remove();
+
+    let rows = rows(&results);
+    let goals = goal_lines(&results);
+    println!("{machine}");
+    println!("{setup}");
+    println!();
+    print!("{}", plain_table(&rows));
+    println!();
+    println!("targets of the issue (volume with 2 secondaries; information, not a failure):");
+    for goal in &goals {
+        println!("  {goal}");
+    }
+    if cli.markdown {
+        println!();
+        println!("{machine}  ");
+        println!("{setup}");
+        println!();
+        print!("{}", markdown_table(&rows));
+        println!();
+        println!("Targets of the issue (volume with 2 secondaries):");
+        println!();
+        for goal in &goals {
+            println!("- {goal}");
+        }
+    }
+    Ok(())
+}
