@@ -35,9 +35,34 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Writes a config for a primary and `secondaries` secondaries under
     /// `dir` (which the caller owns and removes) and creates every node's
-    /// data and log files.
+    /// data and log files there.
     pub fn create(
         dir: &Path,
+        replblkd: &Path,
+        secondaries: usize,
+        volume_size_bytes: u64,
+        log_size_bytes: u64,
+        replication: &ReplicationConfig,
+    ) -> Result<LocalCluster, String> {
+        LocalCluster::create_split(
+            dir,
+            None,
+            replblkd,
+            secondaries,
+            volume_size_bytes,
+            log_size_bytes,
+            replication,
+        )
+    }
+
+    /// Like [`LocalCluster::create`], but the secondaries' data and log
+    /// files go under `secondary_dir` if given (another filesystem, say, to
+    /// stand in for the secondaries' own disks); the primary's files, the
+    /// config and every daemon's output stay under `dir`. The caller owns
+    /// and removes both directories.
+    pub fn create_split(
+        dir: &Path,
+        secondary_dir: Option<&Path>,
         replblkd: &Path,
         secondaries: usize,
         volume_size_bytes: u64,
@@ -66,10 +91,14 @@ impl LocalCluster {
                 .and_then(|listener| listener.local_addr())
                 .map_err(|e| format!("finding a free port: {e}"))?
                 .port();
+            let files_dir = match secondary_dir {
+                Some(secondary_dir) if id != PRIMARY_NODE_ID => secondary_dir,
+                _ => dir,
+            };
             text.push_str(&format!(
                 "\n[[node]]\nid = {id}\naddress = \"127.0.0.1:{port}\"\ndata_path = \"{}\"\nlog_path = \"{}\"\nlog_size_bytes = {log_size_bytes}\n",
-                dir.join(format!("node{id}.data")).display(),
-                dir.join(format!("node{id}.log")).display(),
+                files_dir.join(format!("node{id}.data")).display(),
+                files_dir.join(format!("node{id}.log")).display(),
             ));
         }
         let config_path = dir.join("volume.toml");

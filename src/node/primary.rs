@@ -28,7 +28,6 @@ use crate::proto::{
     encode_update_header, Ack, ErrorCode, ErrorFrame, Frame, Hello, LogState, Role, UpdateHeader,
     PROTOCOL_VERSION, UPDATE_DATA_MAX_BYTES, UPDATE_FLAG_FUA,
 };
-use crate::store::DataFile;
 use crate::wal::LOG_HEADER_SIZE_BYTES;
 
 /// How long a clean stop waits for in-flight requests and the final
@@ -70,18 +69,8 @@ pub(crate) fn run(
     commands: mpsc::Receiver<Command>,
     ready: std::sync::mpsc::Sender<()>,
 ) -> Result<(), NodeError> {
-    let node = config
-        .node(node_id)
-        .ok_or(NodeError::UnknownNode { node_id })?
-        .clone();
+    let (node, data) = super::open_node_data(&config, node_id)?;
     let volume_uuid = *config.volume.uuid.as_bytes();
-    let data = DataFile::open(
-        &node.data_path,
-        volume_uuid,
-        node_id,
-        config.volume.block_size_bytes,
-        config.volume.size_bytes,
-    )?;
     let epoch = data.superblock().epoch;
     let direct = data.direct_file().map_err(|source| {
         NodeError::io(&node.data_path, "opening the copy with O_DIRECT", source)

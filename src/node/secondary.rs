@@ -26,7 +26,6 @@ use crate::proto::{
     ErrorCode, ErrorFrame, Frame, Hello, LogState, Role, UpdateHeader, PROTOCOL_VERSION,
     UPDATE_DATA_MAX_BYTES,
 };
-use crate::store::DataFile;
 use crate::wal::{self, LogFile, RecordHeader, RECORD_PAYLOAD_OFFSET_BYTES};
 
 /// Most records merged into one vectored log write.
@@ -54,18 +53,8 @@ struct Node {
 
 /// Runs a secondary until SIGTERM/SIGINT or a fatal I/O error.
 pub fn run(config: &Config, node_id: u32) -> Result<(), NodeError> {
-    let node = config
-        .node(node_id)
-        .ok_or(NodeError::UnknownNode { node_id })?
-        .clone();
+    let (node, data) = super::open_node_data(config, node_id)?;
     let volume_uuid = *config.volume.uuid.as_bytes();
-    let data = DataFile::open(
-        &node.data_path,
-        volume_uuid,
-        node_id,
-        config.volume.block_size_bytes,
-        config.volume.size_bytes,
-    )?;
     let mut log = LogFile::open(&node.log_path, volume_uuid, node_id)?;
     if log.header().log_size_bytes != node.log_size_bytes {
         return Err(NodeError::Mismatch {
@@ -528,20 +517,12 @@ impl Node {
                     ..
                 } => writes.push((seq, ring_offset, payload)),
                 Action::SyncLog { through_seq } => {
-                    let node = self.clone();
-                    tokio_uring::spawn(async move {
-                        match node.log_direct.sync_data().await {
-                            Ok(()) => {
-                                node.core
-                                    .borrow_mut()
-                                    .log_synced(through_seq, node.now_ms());
-                                node.pump();
-                            }
-                            Err(error) => {
-                                node.fail(format!("fdatasync of the log failed: {error}"))
-                            }
-                        }
-                    });
+                    let log = self.log_direct.clone();
+                    self.spawn_io(
+                        "fdatasync of the log failed".into(),
+                        async move { log.sync_data().await },
+                        move |core, (), now| core.log_synced(through_seq, now),
+                    );
                 }
                 Action::SendAck {
                     logged_seq,
@@ -561,39 +542,23 @@ impl Node {
                     offset_bytes,
                     payload,
                 } => {
-                    let node = self.clone();
-                    tokio_uring::spawn(async move {
-                        let length = payload.length_bytes as usize;
-                        let data = payload.slice(
-                            RECORD_PAYLOAD_OFFSET_BYTES..RECORD_PAYLOAD_OFFSET_BYTES + length,
-                        );
-                        let (result, _) = node.copy.write_all_at(data, offset_bytes).await;
-                        match result {
-                            Ok(()) => {
-                                node.core.borrow_mut().applied(seq, node.now_ms());
-                                node.pump();
-                            }
-                            Err(error) => {
-                                node.fail(format!("applying seq {seq} to the copy failed: {error}"))
-                            }
-                        }
-                    });
+                    let copy = self.copy.clone();
+                    let length = payload.length_bytes as usize;
+                    let data = payload
+                        .slice(RECORD_PAYLOAD_OFFSET_BYTES..RECORD_PAYLOAD_OFFSET_BYTES + length);
+                    self.spawn_io(
+                        format!("applying seq {seq} to the copy failed"),
+                        async move { copy.write_all_at(data, offset_bytes).await.0 },
+                        move |core, (), now| core.applied(seq, now),
+                    );
                 }
                 Action::SyncCopy { through_seq } => {
-                    let node = self.clone();
-                    tokio_uring::spawn(async move {
-                        match node.copy.sync_data().await {
-                            Ok(()) => {
-                                node.core
-                                    .borrow_mut()
-                                    .copy_synced(through_seq, node.now_ms());
-                                node.pump();
-                            }
-                            Err(error) => {
-                                node.fail(format!("fdatasync of the copy failed: {error}"))
-                            }
-                        }
-                    });
+                    let copy = self.copy.clone();
+                    self.spawn_io(
+                        "fdatasync of the copy failed".into(),
+                        async move { copy.sync_data().await },
+                        move |core, (), now| core.copy_synced(through_seq, now),
+                    );
                 }
                 Action::PersistStart {
                     start_offset,
@@ -651,30 +616,48 @@ impl Node {
         if batch.is_empty() {
             return;
         }
+        let seqs: Vec<u64> = batch.iter().map(|(seq, _, _)| *seq).collect();
+        let context = format!("writing log records {seqs:?} failed");
+        let node = self.clone();
+        self.spawn_io(
+            context,
+            async move { node.write_batch(batch, ring_len).await },
+            move |core, (), now| {
+                for seq in seqs {
+                    core.record_written(seq, now);
+                }
+            },
+        );
+    }
+
+    /// Runs `io`; on success hands its result to the core through `done`
+    /// and pumps, on failure stops the node: after a failed log or copy
+    /// write or sync their content is unknown, and guessing would risk data.
+    fn spawn_io<T: 'static>(
+        self: &Rc<Self>,
+        context: String,
+        io: impl std::future::Future<Output = std::io::Result<T>> + 'static,
+        done: impl FnOnce(&mut Secondary<RecordRef>, T, u64) + 'static,
+    ) {
         let node = self.clone();
         tokio_uring::spawn(async move {
-            let seqs: Vec<u64> = batch.iter().map(|(seq, _, _)| *seq).collect();
-            let ring_offset = batch[0].1;
-            let result = node.write_batch(ring_offset, batch, ring_len).await;
-            match result {
-                Ok(()) => {
+            match io.await {
+                Ok(value) => {
                     let now = node.now_ms();
-                    for seq in seqs {
-                        node.core.borrow_mut().record_written(seq, now);
-                    }
+                    done(&mut node.core.borrow_mut(), value, now);
                     node.pump();
                 }
-                Err(error) => node.fail(format!("writing log records {seqs:?} failed: {error}")),
+                Err(error) => node.fail(format!("{context}: {error}")),
             }
         });
     }
 
     async fn write_batch(
         &self,
-        ring_offset: u64,
         batch: Vec<(u64, u64, RecordRef)>,
         ring_len: u64,
     ) -> std::io::Result<()> {
+        let ring_offset = batch[0].1;
         let file_offset = LogFile::ring_file_offset(ring_offset);
         if batch.len() == 1 {
             let record = batch.into_iter().next().expect("one record").2;
