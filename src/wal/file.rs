@@ -35,6 +35,9 @@ use super::recovery::RingRead;
 /// for callers whose buffer is not page aligned.
 const RING_READ_BOUNCE_BYTES: u64 = 256 * 1024;
 
+/// Bytes per write when a new log's ring is zeroed.
+const LOG_ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
+
 /// The slot a new log's header goes to; the other slot starts zeroed.
 const CREATE_SLOT: usize = 0;
 /// Generation of a new log's header.
@@ -64,8 +67,8 @@ pub struct LogFile {
 impl LogFile {
     /// Creates (or truncates) a log of `log_size_bytes` at `path`: a valid
     /// header (generation 1, start_offset 0, start_seq 1) in slot 0, a
-    /// zeroed slot 1, a zeroed first ring page so the scan finds an empty
-    /// log, all made durable.
+    /// zeroed slot 1, a zeroed ring (the scan finds an empty log, and record
+    /// writes overwrite allocated blocks), all made durable.
     pub fn create(
         path: impl AsRef<Path>,
         volume_uuid: [u8; 16],
@@ -100,10 +103,20 @@ impl LogFile {
             start_seq: RECORD_SEQ_FIRST,
             header_generation: CREATE_GENERATION,
         };
-        let zero_page = AlignedBuf::zeroed(PAGE_SIZE_BYTES);
-        direct
-            .write_all_at(zero_page.as_slice(), LogFile::ring_file_offset(0))
-            .map_err(|e| WalError::io(path, "zeroing the first ring page", e))?;
+        // Zero the whole ring, not just its first page (which makes the scan
+        // find an empty log): every later record write is then an overwrite
+        // of allocated blocks, which O_DIRECT completes without allocating
+        // (and io_uring without handing it to a worker thread).
+        let zeroes = AlignedBuf::zeroed(LOG_ZERO_FILL_CHUNK_BYTES);
+        let ring_len = header.ring_len_bytes();
+        let mut ring_offset = 0;
+        while ring_offset < ring_len {
+            let length = (ring_len - ring_offset).min(LOG_ZERO_FILL_CHUNK_BYTES as u64) as usize;
+            direct
+                .write_all_at(&zeroes.as_slice()[..length], LogFile::ring_file_offset(ring_offset))
+                .map_err(|e| WalError::io(path, "zeroing the ring", e))?;
+            ring_offset += length as u64;
+        }
         // The whole page: slot 1 and the bytes around the slots are zero.
         header_map.fill(0);
         header.encode(&mut header_map[header_slot_range(CREATE_SLOT)]);
