@@ -5,6 +5,7 @@
 //! cargo build --release && target/release/replblk-bench
 //! target/release/replblk-bench --seconds 5 --markdown   # also a Markdown table
 //! target/release/replblk-bench --dir /mnt/ssd/bench     # files under a chosen directory
+//! target/release/replblk-bench --secondary-dir /dev/shm # secondaries' files elsewhere
 //! ```
 //!
 //! Three workloads (4 KiB random writes at queue depth 1 and 32, 1 MiB
@@ -19,7 +20,11 @@
 //! Each workload runs `--seconds` after a one-second warm-up that is not
 //! measured. Every file lives in a fresh directory under `--dir` (default
 //! `target/bench` under the current directory: not /tmp, which may be tmpfs)
-//! that is removed at the end, also on error or on a first Ctrl-C.
+//! that is removed at the end, also on error or on a first Ctrl-C. With
+//! `--secondary-dir` the secondaries' copies and logs go to a fresh
+//! directory under that one instead (removed the same way), standing in for
+//! the secondaries' own disks; the primary's copy and the baseline stay
+//! under `--dir`.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
@@ -69,9 +74,16 @@ const DEFAULT_PARENT: &str = "target/bench";
 struct Cli {
     /// Directory to put the files under (a fresh subdirectory is made and
     /// removed at the end). Default: target/bench under the current
-    /// directory. It must not be tmpfs: the baseline uses O_DIRECT.
+    /// directory. Use the disk being measured, not tmpfs: the baseline and
+    /// the primary's copy are written there.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Directory for the secondaries' copies and logs (a fresh subdirectory
+    /// is made and removed at the end), e.g. /dev/shm to keep them off the
+    /// disk the primary and the baseline use. Default: under --dir, with
+    /// everything else. It must accept O_DIRECT.
+    #[arg(long)]
+    secondary_dir: Option<PathBuf>,
     /// Measured seconds per workload and target (after 1 s of warm-up).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
     seconds: u64,
@@ -388,6 +400,7 @@ fn bench_local(
 /// applied and cleared.
 fn bench_volume(
     dir: &Path,
+    secondary_dir: Option<&Path>,
     replblkd: &Path,
     secondaries: usize,
     seconds: u64,
@@ -397,8 +410,13 @@ fn bench_volume(
     let cluster_dir = dir.join(&name);
     std::fs::create_dir(&cluster_dir)
         .with_context(|| format!("creating {}", cluster_dir.display()))?;
-    let mut cluster = LocalCluster::create(
+    let secondary_cluster_dir = secondary_dir.map(|parent| parent.join(&name));
+    if let Some(path) = &secondary_cluster_dir {
+        std::fs::create_dir(path).with_context(|| format!("creating {}", path.display()))?;
+    }
+    let mut cluster = LocalCluster::create_split(
         &cluster_dir,
+        secondary_cluster_dir.as_deref(),
         replblkd,
         secondaries,
         VOLUME_BYTES,
@@ -445,6 +463,9 @@ fn bench_volume(
     drop(cluster);
     std::fs::remove_dir_all(&cluster_dir)
         .with_context(|| format!("removing {}", cluster_dir.display()))?;
+    if let Some(path) = &secondary_cluster_dir {
+        std::fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display()))?;
+    }
     Ok(TargetResult { name, measured })
 }
 
@@ -501,8 +522,8 @@ impl Drop for RunDir {
 }
 
 /// A first Ctrl-C stops the run cleanly (the workers notice, the run
-/// directory is removed); a second one removes the directory and exits.
-fn watch_ctrl_c(interrupted: &'static AtomicBool, dir: PathBuf) -> anyhow::Result<()> {
+/// directories are removed); a second one removes them and exits.
+fn watch_ctrl_c(interrupted: &'static AtomicBool, dirs: Vec<PathBuf>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -517,7 +538,9 @@ fn watch_ctrl_c(interrupted: &'static AtomicBool, dir: PathBuf) -> anyhow::Resul
                 eprintln!("replblk-bench: interrupted, stopping (Ctrl-C again to quit at once)");
                 interrupted.store(true, Ordering::Relaxed);
                 if tokio::signal::ctrl_c().await.is_ok() {
-                    let _ = std::fs::remove_dir_all(&dir);
+                    for dir in &dirs {
+                        let _ = std::fs::remove_dir_all(dir);
+                    }
                     std::process::exit(130);
                 }
             })
@@ -564,7 +587,7 @@ fn filesystem_of(path: &Path) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn machine_line(dir: &Path) -> String {
+fn machine_line() -> String {
     let cores = command_output("nproc", &[]).unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.to_string())
@@ -580,10 +603,18 @@ fn machine_line(dir: &Path) -> String {
         })
         .unwrap_or_else(|| "unknown".into());
     let kernel = command_output("uname", &["-r"]).unwrap_or_else(|| "unknown".into());
+    format!("machine: nproc {cores}, CPU {cpu}, kernel {kernel}")
+}
+
+/// Which storage each side of the run used.
+fn storage_line(dir: &Path, secondary_dir: Option<&Path>) -> String {
+    let main = format!("{} under {}", filesystem_of(dir), dir.display());
+    let secondaries = match secondary_dir {
+        Some(other) => format!("{} under {}", filesystem_of(other), other.display()),
+        None => "the same".to_owned(),
+    };
     format!(
-        "machine: nproc {cores}, CPU {cpu}, kernel {kernel}, filesystem of {}: {}",
-        dir.display(),
-        filesystem_of(dir)
+        "storage: local baseline and primary copy: {main}; secondaries' copies and logs: {secondaries}"
     )
 }
 
@@ -766,14 +797,29 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let replblkd = replblkd_path(cli.replblkd)?;
     let run_dir = RunDir::create(cli.dir.as_deref())?;
+    let secondary_run_dir = match cli.secondary_dir.as_deref() {
+        Some(parent) => Some(RunDir::create(Some(parent))?),
+        None => None,
+    };
     let interrupted: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
-    watch_ctrl_c(interrupted, run_dir.path.clone())?;
+    watch_ctrl_c(
+        interrupted,
+        std::iter::once(&run_dir)
+            .chain(&secondary_run_dir)
+            .map(|dir| dir.path.clone())
+            .collect(),
+    )?;
 
-    let machine = machine_line(
-        run_dir
-            .path
+    let parent = |dir: &RunDir| {
+        dir.path
             .parent()
-            .expect("the run directory has a parent"),
+            .expect("a run directory has a parent")
+            .to_owned()
+    };
+    let machine = machine_line();
+    let storage = storage_line(
+        &parent(&run_dir),
+        secondary_run_dir.as_ref().map(parent).as_deref(),
     );
     let setup = format!(
         "setup: volume and local file {} GiB, log {} MiB per secondary, {} s per workload after {} s of warm-up, default ReplicationConfig, secondaries on 127.0.0.1; load average at start {}",
@@ -784,7 +830,11 @@ fn main() -> anyhow::Result<()> {
         load_average()
     );
     eprintln!("{machine}");
+    eprintln!("{storage}");
     eprintln!("files under {}", run_dir.path.display());
+    if let Some(dir) = &secondary_run_dir {
+        eprintln!("secondaries' files under {}", dir.path.display());
+    }
 
     let started = Instant::now();
     let mut results = vec![bench_local(&run_dir.path, cli.seconds, interrupted)?];
@@ -794,6 +844,7 @@ fn main() -> anyhow::Result<()> {
         }
         results.push(bench_volume(
             &run_dir.path,
+            secondary_run_dir.as_ref().map(|dir| dir.path.as_path()),
             &replblkd,
             secondaries,
             cli.seconds,
@@ -802,10 +853,14 @@ fn main() -> anyhow::Result<()> {
     }
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
     run_dir.remove();
+    if let Some(dir) = &secondary_run_dir {
+        dir.remove();
+    }
 
     let rows = rows(&results);
     let goals = goal_lines(&results);
     println!("{machine}");
+    println!("{storage}");
     println!("{setup}");
     println!();
     print!("{}", plain_table(&rows));
@@ -817,6 +872,7 @@ fn main() -> anyhow::Result<()> {
     if cli.markdown {
         println!();
         println!("{machine}  ");
+        println!("{storage}  ");
         println!("{setup}");
         println!();
         print!("{}", markdown_table(&rows));
