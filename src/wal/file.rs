@@ -113,7 +113,10 @@ impl LogFile {
         while ring_offset < ring_len {
             let length = (ring_len - ring_offset).min(LOG_ZERO_FILL_CHUNK_BYTES as u64) as usize;
             direct
-                .write_all_at(&zeroes.as_slice()[..length], LogFile::ring_file_offset(ring_offset))
+                .write_all_at(
+                    &zeroes.as_slice()[..length],
+                    LogFile::ring_file_offset(ring_offset),
+                )
                 .map_err(|e| WalError::io(path, "zeroing the ring", e))?;
             ring_offset += length as u64;
         }
