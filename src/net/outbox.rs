@@ -58,8 +58,6 @@ pub struct Outbox {
     queue: RefCell<VecDeque<OutBuf>>,
     ready: Notify,
     closed: Cell<bool>,
-    /// Wakes whoever waits for the outbox to close.
-    closed_notify: Notify,
 }
 
 impl Outbox {
@@ -69,7 +67,6 @@ impl Outbox {
             queue: RefCell::new(VecDeque::new()),
             ready: Notify::new(),
             closed: Cell::new(false),
-            closed_notify: Notify::new(),
         });
         let writer = outbox.clone();
         tokio_uring::spawn(async move {
@@ -109,28 +106,11 @@ impl Outbox {
         self.ready.notify_one();
     }
 
-    /// True once the connection is closed; queued bytes are dropped.
-    pub fn is_closed(&self) -> bool {
-        self.closed.get()
-    }
-
     /// Closes the outbox: the writer stops and the socket is shut down.
     pub fn close(&self) {
         if !self.closed.replace(true) {
             self.queue.borrow_mut().clear();
             self.ready.notify_one();
-            self.closed_notify.notify_waiters();
-        }
-    }
-
-    /// Waits until the outbox is closed.
-    pub async fn closed(&self) {
-        while !self.closed.get() {
-            let notified = self.closed_notify.notified();
-            if self.closed.get() {
-                break;
-            }
-            notified.await;
         }
     }
 
