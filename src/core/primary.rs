@@ -21,7 +21,6 @@
 //!   lacks while it is still a member.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -336,7 +335,7 @@ struct PendingFlush {
 pub struct Primary<P> {
     limits: PrimaryLimits,
     geometry: Geometry,
-    tracker: Arc<AckTracker>,
+    tracker: AckTracker,
     members: Vec<Member>,
     /// Live slots; `slots[i]` holds seq `window_start_seq + i`.
     slots: VecDeque<Slot<P>>,
@@ -396,7 +395,7 @@ impl<P: Clone> Primary<P> {
         Primary {
             limits,
             geometry,
-            tracker: Arc::new(AckTracker::new(limits.window_updates_max, member_count)),
+            tracker: AckTracker::new(limits.window_updates_max, member_count),
             members,
             slots: VecDeque::with_capacity(limits.window_updates_max),
             window_start_seq: first_seq,
@@ -417,12 +416,6 @@ impl<P: Clone> Primary<P> {
     #[must_use]
     pub fn poll_action(&mut self) -> Option<Action<P>> {
         self.actions.pop_front()
-    }
-
-    /// The sent/received bitmaps, shareable with other threads for
-    /// inspection.
-    pub fn tracker(&self) -> &Arc<AckTracker> {
-        &self.tracker
     }
 
     /// The seq the next write will get.
