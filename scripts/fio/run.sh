@@ -6,7 +6,7 @@
 #
 # Usage: scripts/fio/run.sh DEVICE [--runtime S] [--ramp S] [--size BYTES]
 #                           [--label NAME] [--json-dir DIR] [--tsv FILE]
-#                           [--jobs "JOB..."]
+#                           [--jobs "JOB..."] [--ioengine ENGINE]
 #   --runtime S     measured seconds per job (default 10)
 #   --ramp S        unmeasured seconds before each job's measurement (default 2)
 #   --size BYTES    use the first BYTES of DEVICE (default: the device's size,
@@ -16,12 +16,14 @@
 #   --tsv FILE      also append the rows to FILE, tab-separated, unformatted:
 #                   label job iops mib_s p50_us p99_us ioengine
 #   --jobs "..."    only these jobs (names of the .fio files without .fio)
+#   --ioengine E    io_uring or libaio, without probing (see below)
 #
 # EVERYTHING ON DEVICE IS OVERWRITTEN. It refuses a DEVICE that is not a
 # block device, or that (or a partition of which) is mounted or used as swap.
 # Each fio runs under timeout (runtime + ramp + 120 s, then KILL 10 s later;
-# REPLBLK_FIO_GRACE changes the 120). io_uring is used when a 4 KiB
-# O_DIRECT read of DEVICE through it works, libaio otherwise.
+# REPLBLK_FIO_GRACE changes the 120). Unless --ioengine says, io_uring is
+# used when a 4 KiB O_DIRECT read of DEVICE through it works, libaio
+# otherwise.
 # Needs fio, jq (both from apt), timeout, lsblk, blockdev.
 # Exit status: 0 when every job ran; 1 when one failed (the others still
 # run); 2 on a usage error or a refused device.
@@ -29,9 +31,9 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 say() { echo "fio/run.sh: $*" >&2; }
-usage() { sed -n '2,27p' "$0" >&2; exit 2; }
+usage() { sed -n '2,29p' "$0" >&2; exit 2; }
 
-dev="" runtime=10 ramp=2 size="" label="" json_dir="" tsv=""
+dev="" runtime=10 ramp=2 size="" label="" json_dir="" tsv="" ioengine=""
 jobs="randwrite-qd1 randwrite-qd32 seqwrite-1m randrw-70-30"
 while [ $# -gt 0 ]; do
     case $1 in
@@ -42,6 +44,7 @@ while [ $# -gt 0 ]; do
         --json-dir) json_dir=${2:?}; shift 2 ;;
         --tsv) tsv=${2:?}; shift 2 ;;
         --jobs) jobs=${2:?}; shift 2 ;;
+        --ioengine) ioengine=${2:?}; shift 2 ;;
         -h|--help) usage ;;
         -*) say "unknown option: $1"; usage ;;
         *) [ -z "$dev" ] || { say "one DEVICE only"; usage; }; dev=$1; shift ;;
@@ -80,13 +83,18 @@ grace=${REPLBLK_FIO_GRACE:-120}
 limit=$((runtime + ramp + grace))
 
 # --- io_uring, or libaio ----------------------------------------------------
-ioengine=libaio
-if timeout 60 fio --name=probe --filename="$dev" --ioengine=io_uring --direct=1 \
-        --rw=read --bs=4k --size=4k --readonly --output-format=terse >/dev/null 2>&1; then
-    ioengine=io_uring
-else
-    say "io_uring does not work here (fio or kernel); using libaio"
-fi
+case $ioengine in
+    io_uring|libaio) ;;
+    "")
+        if timeout 60 fio --name=probe --filename="$dev" --ioengine=io_uring --direct=1 \
+                --rw=read --bs=4k --size=4k --readonly --output-format=terse >/dev/null 2>&1; then
+            ioengine=io_uring
+        else
+            ioengine=libaio
+            say "io_uring does not work here (fio or kernel); using libaio"
+        fi ;;
+    *) say "--ioengine: io_uring or libaio"; exit 2 ;;
+esac
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/replblk-fio.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -117,7 +125,7 @@ for job in $jobs; do
     rc=0
     DEV=$dev RUNTIME=$runtime RAMP_TIME=$ramp SIZE=$size IOENGINE=$ioengine \
         timeout --kill-after=10 "$limit" \
-        fio --output-format=json --output="$out" "$here/$job.fio" 2> "$work/$job.err" || rc=$?
+        fio --output-format=json --output="$out" --eta=never "$here/$job.fio" 2> "$work/$job.err" || rc=$?
     if [ "$rc" != 0 ] || ! row=$(row_of "$out" 2>>"$work/$job.err"); then
         case $rc in
             0) say "$job: no result in fio's JSON output:" ;;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares everything scripts/vm/run.sh needs to boot the ublk test guest:
-# the host packages (qemu, static busybox, cpio, xz, kmod), Debian's 6.12
+# the host packages (qemu, static busybox, cpio, xz, kmod, fio, jq), Debian's 6.12
 # kernel (bookworm-backports on bookworm) unpacked into a cache, and a
 # busybox initramfs holding that kernel's ublk, loop, ext4 and 9p modules.
 #
@@ -53,6 +53,7 @@ mkdir -p "$cache"
 exec 9>"$cache/.lock"
 flock 9
 
+# shellcheck disable=SC1091  # the host's, not in the repository
 . /etc/os-release
 codename=${VERSION_CODENAME:-}
 apt_updated=0
@@ -83,6 +84,9 @@ dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed'
 command -v cpio >/dev/null || missing+=(cpio)
 command -v xz >/dev/null || missing+=(xz-utils)
 command -v depmod >/dev/null || missing+=(kmod)
+# fio and jq for scripts/fio/run.sh, which the guest runs from the host's root.
+command -v fio >/dev/null || missing+=(fio)
+command -v jq >/dev/null || missing+=(jq)
 if [ ${#missing[@]} -gt 0 ]; then
     apt_update
     others=()
