@@ -53,6 +53,10 @@ pub const FLUSH_BODY_SIZE_BYTES: usize = 8;
 pub const LOG_STATE_QUERY_BODY_SIZE_BYTES: usize = 0;
 /// Body size of LogState.
 pub const LOG_STATE_BODY_SIZE_BYTES: usize = 40;
+/// Body size of LogRead.
+pub const LOG_READ_BODY_SIZE_BYTES: usize = 16;
+/// Body size of LogReadEnd.
+pub const LOG_READ_END_BODY_SIZE_BYTES: usize = 8;
 /// Size of the fixed part of an Error body, before the message.
 pub const ERROR_FIXED_SIZE_BYTES: usize = 8;
 /// Largest Error body.
@@ -113,6 +117,13 @@ const LOG_STATE_APPLIED_SEQ_AT: usize = LOG_STATE_NEXT_SEQ_AT + U64_SIZE_BYTES;
 const LOG_STATE_USED_BYTES_AT: usize = LOG_STATE_APPLIED_SEQ_AT + U64_SIZE_BYTES;
 const _: () = assert!(LOG_STATE_USED_BYTES_AT + U64_SIZE_BYTES == LOG_STATE_BODY_SIZE_BYTES);
 
+// LogRead and LogReadEnd.
+const LOG_READ_FROM_SEQ_AT: usize = 0;
+const LOG_READ_TO_SEQ_AT: usize = LOG_READ_FROM_SEQ_AT + U64_SIZE_BYTES;
+const _: () = assert!(LOG_READ_TO_SEQ_AT + U64_SIZE_BYTES == LOG_READ_BODY_SIZE_BYTES);
+const LOG_READ_END_NEXT_SEQ_AT: usize = 0;
+const _: () = assert!(LOG_READ_END_NEXT_SEQ_AT + U64_SIZE_BYTES == LOG_READ_END_BODY_SIZE_BYTES);
+
 // Error (fixed part; the message follows it).
 const ERROR_CODE_AT: usize = 0;
 const ERROR_MESSAGE_LEN_AT: usize = ERROR_CODE_AT + U32_SIZE_BYTES;
@@ -146,6 +157,10 @@ pub enum FrameKind {
     LogState,
     /// The sender refuses something and will close the connection.
     Error,
+    /// A restarted primary asks a secondary for records of its log.
+    LogRead,
+    /// The last record asked for by a LogRead has been sent.
+    LogReadEnd,
 }
 
 impl FrameKind {
@@ -160,6 +175,8 @@ impl FrameKind {
             FrameKind::LogStateQuery => "LogStateQuery",
             FrameKind::LogState => "LogState",
             FrameKind::Error => "Error",
+            FrameKind::LogRead => "LogRead",
+            FrameKind::LogReadEnd => "LogReadEnd",
         }
     }
 
@@ -176,6 +193,8 @@ impl FrameKind {
             FrameKind::LogStateQuery => fixed(LOG_STATE_QUERY_BODY_SIZE_BYTES),
             FrameKind::LogState => fixed(LOG_STATE_BODY_SIZE_BYTES),
             FrameKind::Error => (ERROR_FIXED_SIZE_BYTES, ERROR_BODY_MAX_BYTES),
+            FrameKind::LogRead => fixed(LOG_READ_BODY_SIZE_BYTES),
+            FrameKind::LogReadEnd => fixed(LOG_READ_END_BODY_SIZE_BYTES),
         }
     }
 }
@@ -199,6 +218,8 @@ impl TryFrom<u8> for FrameKind {
             6 => FrameKind::LogStateQuery,
             7 => FrameKind::LogState,
             8 => FrameKind::Error,
+            9 => FrameKind::LogRead,
+            10 => FrameKind::LogReadEnd,
             _ => return Err(ProtoError::UnknownKind { kind }),
         })
     }
@@ -252,6 +273,8 @@ pub enum ErrorCode {
     Busy,
     /// The peer failed for a reason of its own.
     Internal,
+    /// A LogRead asked for records the log does not hold.
+    NotInLog,
     /// A code this build does not know; kept rather than refused so that a
     /// newer peer's Error is still reported with its message.
     Unknown(u32),
@@ -268,6 +291,7 @@ impl From<u32> for ErrorCode {
             6 => ErrorCode::ProtocolVersion,
             7 => ErrorCode::Busy,
             8 => ErrorCode::Internal,
+            9 => ErrorCode::NotInLog,
             other => ErrorCode::Unknown(other),
         }
     }
@@ -284,6 +308,7 @@ impl From<ErrorCode> for u32 {
             ErrorCode::ProtocolVersion => 6,
             ErrorCode::Busy => 7,
             ErrorCode::Internal => 8,
+            ErrorCode::NotInLog => 9,
             ErrorCode::Unknown(other) => other,
         }
     }
@@ -487,6 +512,21 @@ pub enum Frame<'a> {
     LogState(LogState),
     /// See [`ErrorFrame`].
     Error(ErrorFrame),
+    /// A restarted primary asks for the records with seqs in
+    /// `from_seq..to_seq`; answered with one Update per record, carrying
+    /// the record's own seq, epoch, offset, flags and data (all_acked_seq
+    /// 0), then [`Frame::LogReadEnd`], or with an Error.
+    LogRead {
+        /// First seq wanted.
+        from_seq: u64,
+        /// One past the last seq wanted.
+        to_seq: u64,
+    },
+    /// Every record a LogRead asked for has been sent.
+    LogReadEnd {
+        /// The seq after the last record sent: the LogRead's `to_seq`.
+        next_seq: u64,
+    },
 }
 
 impl Frame<'_> {
@@ -501,6 +541,8 @@ impl Frame<'_> {
             Frame::LogStateQuery => FrameKind::LogStateQuery,
             Frame::LogState(_) => FrameKind::LogState,
             Frame::Error(_) => FrameKind::Error,
+            Frame::LogRead { .. } => FrameKind::LogRead,
+            Frame::LogReadEnd { .. } => FrameKind::LogReadEnd,
         }
     }
 
@@ -537,6 +579,13 @@ impl Frame<'_> {
             }
             Frame::AllAcked { seq } | Frame::Flush { seq } => {
                 out.extend_from_slice(&seq.to_le_bytes());
+            }
+            Frame::LogRead { from_seq, to_seq } => {
+                out.extend_from_slice(&from_seq.to_le_bytes());
+                out.extend_from_slice(&to_seq.to_le_bytes());
+            }
+            Frame::LogReadEnd { next_seq } => {
+                out.extend_from_slice(&next_seq.to_le_bytes());
             }
             Frame::LogStateQuery => {}
             Frame::LogState(s) => {
@@ -672,6 +721,19 @@ pub fn decode_body<'a>(
             }))
         }
         FrameKind::Error => decode_error(header.body_len, body),
+        FrameKind::LogRead => {
+            let b: &[u8; LOG_READ_BODY_SIZE_BYTES] = exact(kind, header.body_len, body)?;
+            Ok(Frame::LogRead {
+                from_seq: le_u64(b, LOG_READ_FROM_SEQ_AT),
+                to_seq: le_u64(b, LOG_READ_TO_SEQ_AT),
+            })
+        }
+        FrameKind::LogReadEnd => {
+            let b: &[u8; LOG_READ_END_BODY_SIZE_BYTES] = exact(kind, header.body_len, body)?;
+            Ok(Frame::LogReadEnd {
+                next_seq: le_u64(b, LOG_READ_END_NEXT_SEQ_AT),
+            })
+        }
     }
 }
 
@@ -973,6 +1035,13 @@ mod tests {
                 used_bytes: 81920,
             }),
             Frame::Error(ErrorFrame::new(ErrorCode::StaleEpoch, "epoch 3 < 5 ✓")),
+            Frame::LogRead {
+                from_seq: 0x0102_0304_0506_0708,
+                to_seq: 0x1112_1314_1516_1718,
+            },
+            Frame::LogReadEnd {
+                next_seq: 0x2122_2324_2526_2728,
+            },
         ]
     }
 
@@ -1013,6 +1082,31 @@ mod tests {
             0x08, 0x00, 0x00, 0x00, // body_len 8
             0x21, 0xcf, 0x08, 0x8b, // crc32 0x8b08cf21
             0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01,
+        ];
+        assert_eq!(bytes, golden);
+    }
+
+    #[test]
+    fn golden_log_read_bytes() {
+        // Independently computed (Python zlib.crc32), as in docs/PROTOCOL.md.
+        let bytes = encode(&Frame::LogRead {
+            from_seq: 1000,
+            to_seq: 1100,
+        });
+        let golden = [
+            0x52, 0x42, 0x4c, 0x4b, // "RBLK"
+            0x01, 0x00, // version 1
+            0x09, 0x00, // LogRead, reserved
+            0x10, 0x00, 0x00, 0x00, // body_len 16
+            0xbe, 0x0e, 0x0b, 0xd1, // crc32 0xd10b0ebe
+            0xe8, 0x03, 0, 0, 0, 0, 0, 0, // from_seq 1000
+            0x4c, 0x04, 0, 0, 0, 0, 0, 0, // to_seq 1100
+        ];
+        assert_eq!(bytes, golden);
+        let bytes = encode(&Frame::LogReadEnd { next_seq: 1100 });
+        let golden = [
+            0x52, 0x42, 0x4c, 0x4b, 0x01, 0x00, 0x0a, 0x00, 0x08, 0x00, 0x00, 0x00, 0x2a, 0xba,
+            0x0f, 0x97, 0x4c, 0x04, 0, 0, 0, 0, 0, 0,
         ];
         assert_eq!(bytes, golden);
     }
@@ -1225,7 +1319,7 @@ mod tests {
     #[test]
     fn unknown_kind_bad_magic_wrong_version_reserved_header_byte() {
         let good = encode(&Frame::Flush { seq: 1 });
-        for kind in [0u8, 9, 200, 255] {
+        for kind in [0u8, 11, 200, 255] {
             let mut b = good.clone();
             b[HEADER_KIND_AT] = kind;
             assert_eq!(
@@ -1515,7 +1609,7 @@ mod tests {
 
     #[test]
     fn error_codes_round_trip_and_unknown_codes_are_kept() {
-        for code in 1..=8u32 {
+        for code in 1..=9u32 {
             let c = ErrorCode::from(code);
             assert!(!matches!(c, ErrorCode::Unknown(_)));
             assert_eq!(u32::from(c), code);
@@ -1649,6 +1743,10 @@ mod tests {
             (message.len() <= ERROR_MESSAGE_MAX_BYTES)
                 .then_some(Owned::Other(Frame::Error(ErrorFrame { code, message })))
         });
+        let log_read = any::<[u64; 2]>()
+            .prop_map(|[from_seq, to_seq]| Owned::Other(Frame::LogRead { from_seq, to_seq }));
+        let log_read_end =
+            any::<u64>().prop_map(|next_seq| Owned::Other(Frame::LogReadEnd { next_seq }));
         prop_oneof![
             hello,
             update,
@@ -1658,6 +1756,8 @@ mod tests {
             Just(Owned::Other(Frame::LogStateQuery)),
             log_state,
             error,
+            log_read,
+            log_read_end,
         ]
     }
 
@@ -1666,7 +1766,7 @@ mod tests {
     /// checks get exercised rather than everything stopping at the magic.
     fn arb_sealed_bytes() -> impl Strategy<Value = Vec<u8>> {
         (
-            0u8..10,
+            0u8..12,
             any::<u8>(),
             prop::collection::vec(any::<u8>(), 0..128),
             any::<bool>(),

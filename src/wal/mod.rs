@@ -26,4 +26,6 @@ pub use format::{
     RECORD_HEADER_SIZE_BYTES, RECORD_KIND_UPDATE, RECORD_MAGIC, RECORD_PAYLOAD_MAX_BYTES,
     RECORD_PAYLOAD_OFFSET_BYTES, RECORD_SEQ_FIRST, RECORD_SIZE_MAX_BYTES,
 };
-pub use recovery::{scan, RingRead, ScanError, ScanOutcome, StopReason};
+pub use recovery::{
+    read_records, scan, ReadRecordsError, RingRead, ScanError, ScanOutcome, StopReason,
+};

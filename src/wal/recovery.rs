@@ -160,8 +160,130 @@ impl<E: std::error::Error + 'static> std::error::Error for ScanError<E> {
 pub fn scan<R, E, F>(
     header: &LogHeader,
     reader: &mut R,
-    mut visit: F,
+    visit: F,
 ) -> Result<ScanOutcome, ScanError<E>>
+where
+    R: RingRead + ?Sized,
+    F: FnMut(&RecordHeader, &[u8]) -> Result<(), E>,
+{
+    let (outcome, reached) = walk(header, reader, None, visit)?;
+    debug_assert!(
+        !reached,
+        "a scan without a last seq runs to the end of the log"
+    );
+    Ok(outcome)
+}
+
+/// Why [`read_records`] could not hand over every record asked for.
+#[derive(Debug)]
+pub enum ReadRecordsError<E> {
+    /// The range is not within the log's records: `from_seq` is below the
+    /// start of the log or after `to_seq`.
+    Range {
+        /// First seq asked for.
+        from_seq: u64,
+        /// One past the last seq asked for.
+        to_seq: u64,
+        /// Seq of the record the walk starts at.
+        start_seq: u64,
+    },
+    /// The log ends (or holds a torn record) before `to_seq`.
+    Ended {
+        /// The first seq asked for that is not there.
+        missing_seq: u64,
+        /// Where and why the walk stopped.
+        stop: StopReason,
+    },
+    /// Reading the ring failed, or the visitor refused a record.
+    Scan(ScanError<E>),
+}
+
+impl<E: fmt::Display> fmt::Display for ReadRecordsError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadRecordsError::Range {
+                from_seq,
+                to_seq,
+                start_seq,
+            } => write!(
+                f,
+                "seqs {from_seq}..{to_seq} are not a range of records from the log's start at seq {start_seq}"
+            ),
+            ReadRecordsError::Ended { missing_seq, stop } => {
+                write!(f, "the log has no record seq {missing_seq}: {stop}")
+            }
+            ReadRecordsError::Scan(error) => error.fmt(f),
+        }
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for ReadRecordsError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ReadRecordsError::Scan(error) => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// Hands `visit` every record with a seq in `from_seq..to_seq`, in seq
+/// order, read back from the ring and checked exactly as the recovery scan
+/// checks them (seq, epoch, size, crc32). The walk starts at
+/// `header.start_offset` / `header.start_seq`, which the caller may set to
+/// a start-of-log pointer it saw earlier, provided no record was appended
+/// since: until then the ring bytes of records cleared meanwhile are still
+/// in place, and any that were not would fail the checks.
+///
+/// Records before `from_seq` are read and checked too (the ring holds no
+/// index: each record's length says where the next one starts). Nothing is
+/// written. Memory: one largest record.
+pub fn read_records<R, E, F>(
+    header: &LogHeader,
+    reader: &mut R,
+    from_seq: u64,
+    to_seq: u64,
+    mut visit: F,
+) -> Result<(), ReadRecordsError<E>>
+where
+    R: RingRead + ?Sized,
+    F: FnMut(&RecordHeader, &[u8]) -> Result<(), E>,
+{
+    if from_seq < header.start_seq || from_seq > to_seq {
+        return Err(ReadRecordsError::Range {
+            from_seq,
+            to_seq,
+            start_seq: header.start_seq,
+        });
+    }
+    if from_seq == to_seq {
+        return Ok(());
+    }
+    let walked = walk(header, reader, Some(to_seq), |record, payload| {
+        if record.seq >= from_seq {
+            visit(record, payload)?;
+        }
+        Ok(())
+    });
+    let (outcome, reached) = walked.map_err(ReadRecordsError::Scan)?;
+    if !reached {
+        return Err(ReadRecordsError::Ended {
+            missing_seq: outcome.next_seq,
+            stop: outcome.stop,
+        });
+    }
+    debug_assert_eq!(outcome.next_seq, to_seq);
+    Ok(())
+}
+
+/// The recovery scan's loop. With `until_seq`, stops before reading the
+/// record of that seq and says so (`true`); the outcome's stop reason is
+/// then `EndOfLog` at the offset where that record would start.
+fn walk<R, E, F>(
+    header: &LogHeader,
+    reader: &mut R,
+    until_seq: Option<u64>,
+    mut visit: F,
+) -> Result<(ScanOutcome, bool), ScanError<E>>
 where
     R: RingRead + ?Sized,
     F: FnMut(&RecordHeader, &[u8]) -> Result<(), E>,
@@ -176,7 +298,14 @@ where
     let mut bytes = 0;
     let path = reader.source_path().map(Path::to_path_buf);
 
+    let mut reached = false;
     let stop = loop {
+        if until_seq == Some(expected_seq) {
+            reached = true;
+            break StopReason::EndOfLog {
+                ring_offset: offset,
+            };
+        }
         if bytes == ring_len {
             break StopReason::RingFull;
         }
@@ -266,13 +395,14 @@ where
         offset = (offset + size) % ring_len;
     };
 
-    Ok(ScanOutcome {
+    let outcome = ScanOutcome {
         next_seq: expected_seq,
         tail_offset: offset,
         records,
         bytes,
         stop,
-    })
+    };
+    Ok((outcome, reached))
 }
 
 fn read<R: RingRead + ?Sized, E>(
@@ -584,6 +714,119 @@ mod tests {
         }
     }
 
+    impl Ring {
+        /// The seqs and lengths `read_records` hands over for `from..to`.
+        fn read(
+            &mut self,
+            from_seq: u64,
+            to_seq: u64,
+        ) -> Result<Vec<(u64, u32)>, ReadRecordsError<std::convert::Infallible>> {
+            let mut seen = Vec::new();
+            read_records(
+                &self.header,
+                self.bytes.as_mut_slice(),
+                from_seq,
+                to_seq,
+                |r, p| {
+                    assert_eq!(p.first().copied(), Some(payload_for(r.seq, 1)[0]));
+                    assert_eq!(p.len(), r.length_bytes as usize);
+                    seen.push((r.seq, r.length_bytes));
+                    Ok(())
+                },
+            )?;
+            Ok(seen)
+        }
+
+        fn live_between(&self, from_seq: u64, to_seq: u64) -> Vec<(u64, u32)> {
+            self.live
+                .iter()
+                .filter(|&&(_, seq, _)| (from_seq..to_seq).contains(&seq))
+                .map(|&(_, seq, len)| (seq, len))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn read_records_hands_over_exactly_the_range_asked_for() {
+        let mut ring = Ring::new(LOG_SIZE_MIN_BYTES);
+        for len in [10, 5000, 70_000, 4096, 1] {
+            ring.append(len);
+        }
+        assert_eq!(ring.read(2, 5).unwrap(), ring.live_between(2, 5));
+        assert_eq!(ring.read(1, 6).unwrap(), ring.live_between(1, 6));
+        assert_eq!(ring.read(5, 6).unwrap(), vec![(5, 1)]);
+        assert!(ring.read(3, 3).unwrap().is_empty(), "an empty range");
+    }
+
+    #[test]
+    fn read_records_refuses_what_the_log_does_not_hold() {
+        let mut ring = Ring::new(LOG_SIZE_MIN_BYTES);
+        for _ in 0..4 {
+            ring.append(100);
+        }
+        ring.clear(2);
+        assert!(matches!(
+            ring.read(2, 4),
+            Err(ReadRecordsError::Range { start_seq: 3, .. })
+        ));
+        assert!(matches!(
+            ring.read(4, 3),
+            Err(ReadRecordsError::Range { .. })
+        ));
+        match ring.read(3, 7) {
+            Err(ReadRecordsError::Ended {
+                missing_seq: 5,
+                stop: StopReason::EndOfLog { .. },
+            }) => {}
+            other => panic!("expected the log to end at seq 5: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn read_records_stops_at_a_torn_record() {
+        let mut ring = Ring::new(LOG_SIZE_MIN_BYTES);
+        for _ in 0..4 {
+            ring.append(10_000);
+        }
+        let (offset, _, _) = ring.live[2];
+        ring.bytes[offset as usize + 4096] ^= 1;
+        let error = ring.read(1, 5).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                ReadRecordsError::Ended {
+                    missing_seq: 3,
+                    stop: StopReason::Torn { .. }
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(ring.read(1, 3).unwrap(), ring.live_between(1, 3));
+    }
+
+    #[test]
+    fn read_records_from_an_earlier_start_while_nothing_was_appended() {
+        // The caller saw the start at seq 1; records 1 and 2 were cleared
+        // since, but nothing was appended, so their bytes are still there.
+        let mut ring = Ring::new(LOG_SIZE_MIN_BYTES);
+        for _ in 0..4 {
+            ring.append(3000);
+        }
+        let seen_start = ring.header;
+        ring.clear(2);
+        let mut earlier = Ring {
+            header: seen_start,
+            bytes: ring.bytes.clone(),
+            live: VecDeque::new(),
+            tail: ring.tail,
+            next_seq: ring.next_seq,
+        };
+        assert_eq!(
+            earlier.read(1, 5).unwrap(),
+            vec![(1, 3000), (2, 3000), (3, 3000), (4, 3000)]
+        );
+    }
+
     #[derive(Clone, Debug)]
     enum Op {
         Append(u32),
@@ -629,6 +872,34 @@ mod tests {
                 }
             }
             ring.check();
+        }
+
+        #[test]
+        fn read_records_returns_exactly_the_live_records_asked_for(
+            ops in prop::collection::vec(op(), 1..60),
+            from in any::<prop::sample::Index>(),
+            count in any::<prop::sample::Index>(),
+        ) {
+            let mut ring = Ring::new(LOG_SIZE_MIN_BYTES);
+            for op in ops {
+                match op {
+                    Op::Append(len) => {
+                        while !ring.fits(len) {
+                            ring.clear(1);
+                        }
+                        ring.append(len);
+                    }
+                    Op::Clear(count) => {
+                        let count = count.min(ring.live.len());
+                        ring.clear(count);
+                    }
+                }
+            }
+            let start_seq = ring.header.start_seq;
+            let held = (ring.next_seq - start_seq) as usize;
+            let from_seq = start_seq + from.index(held + 1) as u64;
+            let to_seq = from_seq + count.index((ring.next_seq - from_seq) as usize + 1) as u64;
+            prop_assert_eq!(ring.read(from_seq, to_seq).unwrap(), ring.live_between(from_seq, to_seq));
         }
     }
 }
