@@ -1,6 +1,7 @@
 //! Bad input gets a clear error and changes nothing: a misspelt config
-//! field, another volume's file, a corrupted frame and a stale primary are
-//! each refused, saying what and where, and no log or copy moves.
+//! field, another volume's file, a corrupted frame, a stale primary and a
+//! LogRead of records the log does not hold are each refused, saying what
+//! and where, and no log or copy moves.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -11,8 +12,8 @@ use std::time::Duration;
 use replblk::config::ReplicationConfig;
 use replblk::node::local_cluster::LocalCluster;
 use replblk::proto::{
-    decode_frame, encode_update_header, ErrorCode, Frame, Hello, Role, UpdateHeader,
-    PROTOCOL_VERSION,
+    decode_frame, encode_update_header, ErrorCode, ErrorFrame, Frame, Hello, LogState, Role,
+    UpdateHeader, PROTOCOL_VERSION, UPDATE_FLAG_FUA,
 };
 
 const REPLBLKD: &str = env!("CARGO_BIN_EXE_replblkd");
@@ -219,4 +220,206 @@ fn a_primary_of_an_older_epoch_is_refused() {
         "{message}"
     );
     assert_eq!(cluster.log_state(2).unwrap(), before);
+}
+
+/// A frame read by [`FrameStream`], owning its data.
+#[derive(Debug)]
+enum Received {
+    Update(UpdateHeader, Vec<u8>),
+    Other(Frame<'static>),
+}
+
+/// A primary's side of a connection to secondary 2, speaking frames over a
+/// blocking socket with a read timeout.
+struct FrameStream {
+    stream: TcpStream,
+    buffer: Vec<u8>,
+}
+
+impl FrameStream {
+    /// Connects as a primary of `epoch` and takes the secondary's Hello and
+    /// LogState.
+    fn connect(cluster: &LocalCluster, epoch: u64) -> (FrameStream, LogState) {
+        let config = cluster.config();
+        let stream = TcpStream::connect(config.node(2).unwrap().address).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut connection = FrameStream {
+            stream,
+            buffer: Vec::new(),
+        };
+        connection.send(&Frame::Hello(Hello {
+            volume_uuid: *config.volume.uuid.as_bytes(),
+            node_id: 1,
+            protocol_version: PROTOCOL_VERSION,
+            role: Role::Primary,
+            epoch,
+        }));
+        assert!(matches!(
+            connection.next(),
+            Some(Received::Other(Frame::Hello(_)))
+        ));
+        let Some(Received::Other(Frame::LogState(log))) = connection.next() else {
+            panic!("expected LogState");
+        };
+        (connection, log)
+    }
+
+    fn send(&mut self, frame: &Frame<'_>) {
+        let mut bytes = Vec::new();
+        frame.encode(&mut bytes);
+        self.stream.write_all(&bytes).unwrap();
+    }
+
+    /// The next frame, or None once the secondary closed the connection.
+    fn next(&mut self) -> Option<Received> {
+        loop {
+            match decode_frame(&self.buffer) {
+                Ok((frame, length)) => {
+                    let received = match frame {
+                        Frame::Update { header, data } => Received::Update(header, data.to_vec()),
+                        Frame::Hello(hello) => Received::Other(Frame::Hello(hello)),
+                        Frame::Ack(ack) => Received::Other(Frame::Ack(ack)),
+                        Frame::LogState(log) => Received::Other(Frame::LogState(log)),
+                        Frame::LogReadEnd { next_seq } => {
+                            Received::Other(Frame::LogReadEnd { next_seq })
+                        }
+                        Frame::Error(error) => Received::Other(Frame::Error(error)),
+                        other => panic!("a secondary sent {:?}", other.kind()),
+                    };
+                    self.buffer.drain(..length);
+                    return Some(received);
+                }
+                Err(error) if error.is_truncated() => {
+                    let mut chunk = vec![0u8; 1 << 16];
+                    let read = self.stream.read(&mut chunk).expect("read within 10 s");
+                    if read == 0 {
+                        return None;
+                    }
+                    self.buffer.extend_from_slice(&chunk[..read]);
+                }
+                Err(error) => panic!("the secondary sent a bad frame: {error}"),
+            }
+        }
+    }
+
+    /// Frames until an Error, which it returns; panics if none comes.
+    fn error(&mut self) -> ErrorFrame {
+        while let Some(received) = self.next() {
+            if let Received::Other(Frame::Error(error)) = received {
+                return error;
+            }
+        }
+        panic!("the connection closed without an Error frame");
+    }
+}
+
+fn record_data(seq: u64) -> Vec<u8> {
+    (0..8192u64).map(|i| (i * 7 + seq * 13) as u8).collect()
+}
+
+#[test]
+fn a_log_read_returns_the_records_and_refuses_what_the_log_does_not_hold() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut cluster = cluster(dir.path());
+    cluster.start_secondary(2).unwrap();
+    // A primary logs seqs 1..=3 (the second with FUA), then goes away.
+    let (mut first, log) = FrameStream::connect(&cluster, 1);
+    assert_eq!((log.start_seq, log.next_seq), (1, 1));
+    for seq in 1..=3 {
+        let data = record_data(seq);
+        first.send(&Frame::Update {
+            header: UpdateHeader {
+                seq,
+                epoch: log.epoch,
+                offset_bytes: seq * 8192,
+                length_bytes: 8192,
+                flags: if seq == 2 { UPDATE_FLAG_FUA } else { 0 },
+                all_acked_seq: 0,
+            },
+            data: &data,
+        });
+    }
+    while !matches!(
+        first.next(),
+        Some(Received::Other(Frame::Ack(ack))) if ack.logged_seq == 3
+    ) {}
+    drop(first);
+
+    // A restarted primary reads them back, with their own seq, epoch,
+    // offset, flags and bytes.
+    let (mut second, log) = FrameStream::connect(&cluster, 1);
+    assert_eq!((log.start_seq, log.next_seq), (1, 4));
+    // Settled: every record applied (nothing is cleared without AllAcked).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let before = loop {
+        let state = cluster.log_state(2).unwrap();
+        if state.applied_seq == 3 {
+            break state;
+        }
+        assert!(std::time::Instant::now() < deadline, "{state:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    second.send(&Frame::LogRead {
+        from_seq: 2,
+        to_seq: 4,
+    });
+    for seq in 2..4 {
+        let received = loop {
+            match second.next() {
+                Some(Received::Other(Frame::Ack(_))) => continue,
+                other => break other,
+            }
+        };
+        let Some(Received::Update(header, data)) = received else {
+            panic!("expected record {seq}, got {received:?}");
+        };
+        assert_eq!(
+            (header.seq, header.epoch, header.offset_bytes),
+            (seq, log.epoch, seq * 8192)
+        );
+        assert_eq!(header.fua(), seq == 2, "the FUA flag as logged");
+        assert_eq!(header.all_acked_seq, 0);
+        assert!(data == record_data(seq), "record {seq}'s bytes");
+    }
+    assert!(matches!(
+        second.next(),
+        Some(Received::Other(Frame::LogReadEnd { next_seq: 4 }))
+    ));
+    // Past the end of the log: refused, saying what the log holds.
+    second.send(&Frame::LogRead {
+        from_seq: 3,
+        to_seq: 5,
+    });
+    let error = second.error();
+    assert_eq!(error.code, ErrorCode::NotInLog, "{}", error.message);
+    assert!(error.message.contains("1..4"), "{}", error.message);
+    assert_eq!(
+        cluster.log_state(2).unwrap(),
+        before,
+        "reading changed nothing"
+    );
+
+    // Once updates flow, the log may be overwritten: no more LogRead.
+    let (mut third, log) = FrameStream::connect(&cluster, 1);
+    let data = record_data(4);
+    third.send(&Frame::Update {
+        header: UpdateHeader {
+            seq: log.next_seq,
+            epoch: log.epoch,
+            offset_bytes: 0,
+            length_bytes: 8192,
+            flags: 0,
+            all_acked_seq: 0,
+        },
+        data: &data,
+    });
+    third.send(&Frame::LogRead {
+        from_seq: 1,
+        to_seq: 2,
+    });
+    let error = third.error();
+    assert_eq!(error.code, ErrorCode::BadFrame, "{}", error.message);
+    assert!(error.message.contains("LogRead"), "{}", error.message);
 }

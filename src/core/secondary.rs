@@ -337,6 +337,12 @@ impl<P: Clone> Secondary<P> {
         self.next_seq
     }
 
+    /// Every record up to this seq is written to the log (not necessarily
+    /// synced).
+    pub fn logged_seq(&self) -> u64 {
+        self.logged_seq
+    }
+
     /// Highest seq applied to the copy.
     pub fn applied_seq(&self) -> u64 {
         self.applied_seq
@@ -485,6 +491,12 @@ impl<P: Clone> Secondary<P> {
         // The stream is ordered, so every update the flush covers has
         // arrived already; the sync waits until they are all written.
         self.durable_wanted_seq = self.durable_wanted_seq.max(seq);
+        if self.durable_seq >= seq {
+            // Durable already: answer at once, even with an Ack sent before,
+            // since the primary may not have taken that one in (a restarted
+            // primary reads a log back before it reads acks).
+            self.acked = (0, 0, 0);
+        }
         self.progress();
     }
 
@@ -823,6 +835,29 @@ mod tests {
                 ..
             }
         )));
+    }
+
+    #[test]
+    fn a_flush_of_what_is_durable_already_is_answered_anyway() {
+        let mut node = empty(false);
+        let _ = offer(&mut node, 1, 4096, true, 0);
+        drain(&mut node);
+        node.record_written(1, 0);
+        drain(&mut node);
+        node.log_synced(1, 0);
+        assert!(drain(&mut node)
+            .iter()
+            .any(|action| matches!(action, Action::SendAck { durable_seq: 1, .. })));
+        // The primary did not take that Ack in (it was reading the log
+        // back); its Flush must still get an answer.
+        node.flush_requested(1, 0);
+        let actions = drain(&mut node);
+        assert!(
+            actions
+                .iter()
+                .any(|action| matches!(action, Action::SendAck { durable_seq: 1, .. })),
+            "{actions:?}"
+        );
     }
 
     /// Runs every action at once, as a perfect driver would.

@@ -24,7 +24,7 @@ use crate::core::secondary::{
 use crate::net::{FrameReader, Outbox};
 use crate::proto::{
     ErrorCode, ErrorFrame, Frame, Hello, LogState, Role, UpdateHeader, PROTOCOL_VERSION,
-    UPDATE_DATA_MAX_BYTES,
+    UPDATE_DATA_MAX_BYTES, UPDATE_FLAG_FUA,
 };
 use crate::wal::{self, LogFile, RecordHeader, RECORD_PAYLOAD_OFFSET_BYTES};
 
@@ -32,6 +32,11 @@ use crate::wal::{self, LogFile, RecordHeader, RECORD_PAYLOAD_OFFSET_BYTES};
 pub const RECORD_WRITE_BATCH_MAX: usize = 64;
 /// How long a clean stop waits for in-flight log and copy I/O.
 pub const STOP_DRAIN_TIMEOUT_MS: u64 = 10_000;
+/// How long a new primary connection's handshake waits for records of the
+/// connection it replaced to be written before it is refused with Busy.
+pub const HANDSHAKE_WRITE_WAIT_MS_MAX: u64 = 10_000;
+/// How often that wait looks again.
+const HANDSHAKE_WRITE_POLL_MS: u64 = 2;
 
 struct Node {
     volume_uuid: [u8; 16],
@@ -264,8 +269,8 @@ impl Node {
         let outbox = Outbox::start(stream.clone(), peer.clone());
         let mut reader = FrameReader::new(stream, peer.clone());
         let result = self.handshake(&mut reader, &outbox).await;
-        let role = match result {
-            Ok(role) => role,
+        let (role, window) = match result {
+            Ok(accepted) => accepted,
             Err(refusal) => {
                 tracing::warn!(%peer, %refusal, "connection refused");
                 if let Some(frame) = refusal.frame {
@@ -277,7 +282,7 @@ impl Node {
             }
         };
         let result = match role {
-            Role::Primary => self.primary_session(&mut reader, &outbox).await,
+            Role::Primary => self.primary_session(&mut reader, &outbox, window).await,
             _ => self.tool_session(&mut reader, &outbox).await,
         };
         if let Err(reason) = result {
@@ -290,11 +295,13 @@ impl Node {
         outbox.close();
     }
 
+    /// Checks the peer's Hello and answers with Hello and LogState. Returns
+    /// the peer's role and the records the LogState described.
     async fn handshake(
         self: &Rc<Self>,
         reader: &mut FrameReader,
         outbox: &Rc<Outbox>,
-    ) -> Result<Role, Refusal> {
+    ) -> Result<(Role, LogWindow), Refusal> {
         reader.fill().await.map_err(Refusal::from_net)?;
         let (frame, length) = reader.frame().map_err(Refusal::from_net)?;
         let Frame::Hello(hello) = frame else {
@@ -343,17 +350,43 @@ impl Node {
                 self.core.borrow_mut().set_epoch(hello.epoch);
                 tracing::info!(epoch = hello.epoch, "adopted the primary's epoch");
             }
-            // A newer primary connection replaces the old one.
+            // A newer primary connection replaces the old one, which stops
+            // at its next frame once it is no longer the session.
             let generation = self.sessions_started.get() + 1;
             self.sessions_started.set(generation);
-            if let Some((_, old)) = self
-                .session
-                .borrow_mut()
-                .replace((generation, outbox.clone()))
-            {
+            if let Some((_, old)) = self.session.borrow_mut().take() {
                 tracing::info!("a new primary connection replaces the previous one");
                 old.close();
             }
+            // The LogState must count only records in the ring: the primary
+            // takes every seq below next_seq as logged, and a LogRead reads
+            // them from the ring. Records of the replaced connection may
+            // still be on their way. No session is set meanwhile, so no Ack
+            // goes out ahead of the Hello.
+            let deadline = Instant::now() + Duration::from_millis(HANDSHAKE_WRITE_WAIT_MS_MAX);
+            loop {
+                if self.sessions_started.get() != generation {
+                    return Err(Refusal::quiet("replaced by a newer primary connection"));
+                }
+                let (logged, next) = {
+                    let core = self.core.borrow();
+                    (core.logged_seq(), core.next_seq())
+                };
+                if logged + 1 == next {
+                    break;
+                }
+                if let Some(reason) = self.fatal.borrow().clone() {
+                    return Err(Refusal::new(ErrorCode::Internal, reason));
+                }
+                if Instant::now() > deadline {
+                    return Err(Refusal::new(
+                        ErrorCode::Busy,
+                        format!("records up to seq {} are still not written after {HANDSHAKE_WRITE_WAIT_MS_MAX} ms", next - 1),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(HANDSHAKE_WRITE_POLL_MS)).await;
+            }
+            *self.session.borrow_mut() = Some((generation, outbox.clone()));
             self.core.borrow_mut().connection_started();
             tracing::info!(
                 primary = hello.node_id,
@@ -363,8 +396,16 @@ impl Node {
             );
         }
         outbox.send_frame(&Frame::Hello(self.hello()));
+        let window = {
+            let core = self.core.borrow();
+            LogWindow {
+                start_offset: core.start_offset(),
+                start_seq: core.start_seq(),
+                next_seq: core.next_seq(),
+            }
+        };
         outbox.send_frame(&Frame::LogState(self.log_state()));
-        Ok(hello.role)
+        Ok((hello.role, window))
     }
 
     fn is_current(&self, outbox: &Rc<Outbox>) -> bool {
@@ -399,8 +440,9 @@ impl Node {
         self: &Rc<Self>,
         reader: &mut FrameReader,
         outbox: &Rc<Outbox>,
+        window: LogWindow,
     ) -> Result<(), Refusal> {
-        let result = self.primary_frames(reader, outbox).await;
+        let result = self.primary_frames(reader, outbox, window).await;
         if self.is_current(outbox) {
             self.session.borrow_mut().take();
         }
@@ -411,7 +453,12 @@ impl Node {
         self: &Rc<Self>,
         reader: &mut FrameReader,
         outbox: &Rc<Outbox>,
+        window: LogWindow,
     ) -> Result<(), Refusal> {
+        // LogRead is served only until the first update: from then on
+        // appends may overwrite the ring space of records cleared since
+        // the handshake, which `window` still counts.
+        let mut updates_started = false;
         loop {
             reader.fill().await.map_err(Refusal::from_net)?;
             // Take every frame already buffered before acting, so records
@@ -424,6 +471,7 @@ impl Node {
                 let now = self.now_ms();
                 match frame {
                     Frame::Update { header, data } => {
+                        updates_started = true;
                         let record = build_record(&header, data);
                         reader.consume(length);
                         self.offer(header, record, outbox).await?;
@@ -443,6 +491,17 @@ impl Node {
                         reader.consume(length);
                         outbox.send_frame(&Frame::LogState(self.log_state()));
                     }
+                    Frame::LogRead { from_seq, to_seq } => {
+                        reader.consume(length);
+                        if updates_started {
+                            return Err(Refusal::new(
+                                ErrorCode::BadFrame,
+                                format!("LogRead of seqs {from_seq}..{to_seq} after updates started; a primary reads logs only before it streams"),
+                            ));
+                        }
+                        self.serve_log_read(window, from_seq, to_seq, outbox)
+                            .await?;
+                    }
                     Frame::Error(error) => {
                         return Err(Refusal::quiet(format!(
                             "primary sent error {:?}: {}",
@@ -459,6 +518,85 @@ impl Node {
             }
             self.pump();
         }
+    }
+
+    /// Answers a LogRead: every record with a seq in `from_seq..to_seq` as
+    /// an Update frame (its own seq, epoch, offset, flags and data), then
+    /// LogReadEnd. Only records the handshake's LogState reported (`window`)
+    /// may be asked for. Nothing in the log or the copy changes.
+    ///
+    /// The records are read with blocking preads on this thread and queued
+    /// in the outbox whole: a restarting primary waits for them and nothing
+    /// else is streaming, and the memory is bounded by the log's size.
+    async fn serve_log_read(
+        self: &Rc<Self>,
+        window: LogWindow,
+        from_seq: u64,
+        to_seq: u64,
+        outbox: &Rc<Outbox>,
+    ) -> Result<(), Refusal> {
+        if from_seq > to_seq || from_seq < window.start_seq || to_seq > window.next_seq {
+            return Err(Refusal::new(
+                ErrorCode::NotInLog,
+                format!(
+                    "LogRead of seqs {from_seq}..{to_seq}: this log held seqs {}..{} when the primary connected",
+                    window.start_seq, window.next_seq
+                ),
+            ));
+        }
+        // The handshake waited until every record it reported was written,
+        // and none was appended since.
+        debug_assert!(self.core.borrow().logged_seq() + 1 >= to_seq);
+        if !self.is_current(outbox) {
+            return Err(Refusal::quiet("replaced by a newer primary connection"));
+        }
+        let log = self.log.borrow();
+        // Walk from where the log started at the handshake: records cleared
+        // since are still intact, as nothing was appended after them.
+        let mut header = log.header();
+        header.start_offset = window.start_offset;
+        header.start_seq = window.start_seq;
+        let mut records = 0u64;
+        let read = wal::read_records(
+            &header,
+            &mut log.ring_reader(),
+            from_seq,
+            to_seq,
+            |record: &RecordHeader, payload: &[u8]| {
+                let update = UpdateHeader {
+                    seq: record.seq,
+                    epoch: record.epoch,
+                    offset_bytes: record.offset_bytes,
+                    length_bytes: record.length_bytes,
+                    flags: if record.flags & wal::RECORD_FLAG_FUA != 0 {
+                        UPDATE_FLAG_FUA
+                    } else {
+                        0
+                    },
+                    all_acked_seq: 0,
+                };
+                outbox.send_frame(&Frame::Update {
+                    header: update,
+                    data: payload,
+                });
+                records += 1;
+                Ok::<(), std::convert::Infallible>(())
+            },
+        );
+        if let Err(error) = read {
+            return Err(Refusal::new(
+                ErrorCode::Internal,
+                format!("LogRead of seqs {from_seq}..{to_seq}: {error}"),
+            ));
+        }
+        outbox.send_frame(&Frame::LogReadEnd { next_seq: to_seq });
+        tracing::info!(
+            from_seq,
+            to_seq,
+            records,
+            "sent log records to the restarting primary"
+        );
+        Ok(())
     }
 
     /// Offers an update to the core, waiting (without reading further
@@ -712,6 +850,18 @@ fn build_record(header: &UpdateHeader, data: &[u8]) -> RecordRef {
         buf: Rc::new(buf),
         length_bytes: header.length_bytes,
     }
+}
+
+/// The records a primary session's LogState described: those its LogRead
+/// may ask for.
+#[derive(Debug, Clone, Copy)]
+struct LogWindow {
+    /// Ring offset of the record `start_seq`.
+    start_offset: u64,
+    /// Oldest record not cleared at the handshake.
+    start_seq: u64,
+    /// Seq of the next append at the handshake.
+    next_seq: u64,
 }
 
 /// Why a session ends: what to log, and the Error frame to send, if any.
