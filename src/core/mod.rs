@@ -5,5 +5,6 @@
 //! back their completions, and tests drive the same machines directly.
 
 pub mod ack_tracker;
+pub mod catch_up;
 pub mod primary;
 pub mod secondary;

@@ -217,6 +217,25 @@ impl LocalCluster {
         }
     }
 
+    /// SIGSTOP to secondary `id`: it stops reading, logging and
+    /// acknowledging (its sockets stay open, so the primary's updates pile
+    /// up unread) until [`LocalCluster::resume_secondary`] or a kill.
+    pub fn pause_secondary(&self, id: u32) {
+        self.signal_secondary(id, nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// SIGCONT to secondary `id`, paused by [`LocalCluster::pause_secondary`].
+    pub fn resume_secondary(&self, id: u32) {
+        self.signal_secondary(id, nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal_secondary(&self, id: u32, signal: nix::sys::signal::Signal) {
+        if let Some(child) = self.children[id as usize - 1].as_ref() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, signal);
+        }
+    }
+
     /// SIGTERM to secondary `id`, waiting for a clean exit; returns its exit
     /// status, or an error if it had to be killed.
     pub fn stop_secondary(&mut self, id: u32) -> Result<std::process::ExitStatus, String> {

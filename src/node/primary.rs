@@ -6,6 +6,13 @@
 //! connection (reconnecting as needed) and feeds its acks to the core, a
 //! ticker drives the core's timers, and every event is followed by a `pump`
 //! that executes the core's actions before the next event.
+//!
+//! At start-up, before the volume takes requests, the engine catches up
+//! after an unclean stop: it reads back from the secondaries' logs every
+//! record still in one (see [`crate::core::catch_up`]), writes them again in
+//! seq order to its own copy and to every secondary whose log lacks them,
+//! and flushes. New writes then continue the stream where the longest log
+//! ended.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -18,15 +25,16 @@ use tokio_uring::net::TcpStream;
 
 use super::error::NodeError;
 use super::volume::{Command, Payload, VolumeError, VolumeStatus};
-use crate::buf::AlignedBuf;
+use crate::buf::{AlignedBuf, SharedBuf};
 use crate::config::{Config, NodeConfig};
+use crate::core::catch_up::{plan_catch_up, CatchUpPlan};
 use crate::core::primary::{
     Action, Geometry, MemberAck, MemberLog, Primary, PrimaryLimits, RequestId,
 };
 use crate::net::{self, FrameReader, Outbox};
 use crate::proto::{
-    encode_update_header, Ack, ErrorCode, ErrorFrame, Frame, Hello, LogState, Role, UpdateHeader,
-    PROTOCOL_VERSION, UPDATE_DATA_MAX_BYTES, UPDATE_FLAG_FUA,
+    data_crc32, encode_update_header, Ack, ErrorCode, ErrorFrame, Frame, Hello, LogState, Role,
+    UpdateHeader, PROTOCOL_VERSION, UPDATE_DATA_MAX_BYTES, UPDATE_FLAG_FUA,
 };
 use crate::wal::LOG_HEADER_SIZE_BYTES;
 
@@ -61,6 +69,17 @@ struct Connection {
     stream: Rc<TcpStream>,
     reader: FrameReader,
     log: LogState,
+    /// The last Ack read while the log was being read back, for the core
+    /// once the secondary is a member.
+    early_ack: Option<Ack>,
+}
+
+/// A record read back from a secondary's log at start-up.
+struct CaughtUp {
+    seq: u64,
+    offset_bytes: u64,
+    fua: bool,
+    payload: Payload,
 }
 
 pub(crate) fn run(
@@ -81,8 +100,20 @@ pub(crate) fn run(
         .cloned()
         .collect();
     tokio_uring::start(async move {
-        let connections = connect_all(&config, &node, &secondaries, volume_uuid, epoch).await;
-        let first_seq = starting_seq(&secondaries, &connections, epoch)?;
+        let mut connections = connect_all(&config, &node, &secondaries, volume_uuid, epoch).await;
+        let plan = plan_start(&secondaries, &connections, epoch)?;
+        let startup_timeout = Duration::from_millis(config.replication.startup_timeout_ms);
+        let records = tokio::time::timeout(
+            startup_timeout,
+            read_back(&secondaries, &mut connections, &plan, epoch),
+        )
+        .await
+        .map_err(|_| NodeError::Startup {
+            reason: format!(
+                "reading records back from the secondaries' logs took longer than startup_timeout_ms ({} ms)",
+                startup_timeout.as_millis()
+            ),
+        })??;
         let replication = config.replication;
         let limits = PrimaryLimits {
             window_updates_max: replication.window_updates_max,
@@ -106,7 +137,8 @@ pub(crate) fn run(
                     .iter()
                     .map(|secondary| secondary.log_size_bytes - LOG_HEADER_SIZE_BYTES)
                     .collect::<Vec<u64>>(),
-                first_seq,
+                plan.first_seq,
+                plan.end_seq,
                 0,
             )),
             data: Rc::new(tokio_uring::fs::File::from_std(direct)),
@@ -124,17 +156,6 @@ pub(crate) fn run(
             reconnect_interval: Duration::from_millis(replication.reconnect_interval_ms),
             clock: Instant::now(),
         });
-        tracing::info!(
-            node = node_id,
-            epoch,
-            first_seq,
-            secondaries = secondaries.len(),
-            "primary started"
-        );
-        for (member, connection) in connections.into_iter().enumerate() {
-            let engine = engine.clone();
-            tokio_uring::spawn(async move { engine.member_loop(member, connection).await });
-        }
         let ticker = engine.clone();
         let tick = Duration::from_millis((replication.all_acked_delay_ms / 2).max(1));
         tokio_uring::spawn(async move {
@@ -145,6 +166,31 @@ pub(crate) fn run(
                 ticker.pump();
             }
         });
+        let caught_up = engine.submit_catch_up(records)?;
+        for (member, connection) in connections.into_iter().enumerate() {
+            if let Some(connection) = &connection {
+                let lacking = plan.end_seq - connection.log.next_seq;
+                if lacking > 0 {
+                    tracing::info!(
+                        secondary = secondaries[member].id,
+                        records = lacking,
+                        from_seq = connection.log.next_seq,
+                        to_seq = plan.end_seq,
+                        "catching up a secondary whose log lacks records"
+                    );
+                }
+            }
+            let engine = engine.clone();
+            tokio_uring::spawn(async move { engine.member_loop(member, connection).await });
+        }
+        engine.finish_catch_up(&plan, caught_up).await?;
+        tracing::info!(
+            node = node_id,
+            epoch,
+            next_seq = plan.end_seq,
+            secondaries = secondaries.len(),
+            "primary started"
+        );
         let _ = ready.send(());
         engine.command_loop(commands).await;
         engine.stop().await
@@ -191,15 +237,21 @@ async fn connect_all(
     connections
 }
 
-/// Where the stream starts: where the secondaries' logs end. They must
-/// agree, and none may be of a newer epoch than this primary.
-fn starting_seq(
+/// Where the stream resumes and what to catch up first: every record still
+/// in a secondary's log (see [`crate::core::catch_up`]). None of them may
+/// be of a newer epoch than this primary, and every seq from the lowest
+/// start of a log to the highest end must be in some log.
+fn plan_start(
     secondaries: &[NodeConfig],
     connections: &[Option<Connection>],
     epoch: u64,
-) -> Result<u64, NodeError> {
+) -> Result<CatchUpPlan, NodeError> {
     if secondaries.is_empty() {
-        return Ok(1);
+        return Ok(CatchUpPlan {
+            first_seq: 1,
+            end_seq: 1,
+            reads: Vec::new(),
+        });
     }
     let answered: Vec<(u32, LogState)> = secondaries
         .iter()
@@ -221,20 +273,135 @@ fn starting_seq(
             ),
         });
     }
-    let first = answered[0].1.next_seq;
-    if answered.iter().any(|(_, log)| log.next_seq != first) {
-        let positions: Vec<String> = answered
+    let logs: Vec<Option<MemberLog>> = connections
+        .iter()
+        .map(|connection| connection.as_ref().map(|c| member_log(&c.log)))
+        .collect();
+    plan_catch_up(&logs).map_err(|error| {
+        let positions: Vec<String> = secondaries
             .iter()
-            .map(|(id, log)| format!("node {id} next seq {}", log.next_seq))
+            .zip(connections)
+            .map(|(secondary, connection)| match connection {
+                Some(c) => format!(
+                    "node {} holds seqs {}..{}",
+                    secondary.id, c.log.start_seq, c.log.next_seq
+                ),
+                None => format!("node {} did not answer", secondary.id),
+            })
             .collect();
-        return Err(NodeError::Startup {
-            reason: format!(
-                "the secondaries' logs differ ({}); run replblk-resync first",
-                positions.join(", ")
-            ),
-        });
+        NodeError::Startup {
+            reason: format!("{error} ({})", positions.join(", ")),
+        }
+    })
+}
+
+/// Reads back every record the plan names, in seq order, each from the
+/// secondary the plan picked.
+async fn read_back(
+    secondaries: &[NodeConfig],
+    connections: &mut [Option<Connection>],
+    plan: &CatchUpPlan,
+    epoch: u64,
+) -> Result<Vec<CaughtUp>, NodeError> {
+    let mut records = Vec::with_capacity(plan.records() as usize);
+    for read in &plan.reads {
+        let node_id = secondaries[read.member].id;
+        let connection = connections[read.member]
+            .as_mut()
+            .expect("the plan reads only from secondaries that answered");
+        let from = records.len();
+        read_log(connection, read.from_seq, read.to_seq, epoch, &mut records)
+            .await
+            .map_err(|reason| NodeError::Startup {
+                reason: format!(
+                    "reading seqs {}..{} back from secondary {node_id}'s log: {reason}",
+                    read.from_seq, read.to_seq
+                ),
+            })?;
+        let bytes: usize = records[from..]
+            .iter()
+            .map(|record| record.payload.buf.len())
+            .sum();
+        tracing::info!(
+            secondary = node_id,
+            from_seq = read.from_seq,
+            to_seq = read.to_seq,
+            records = records.len() - from,
+            bytes,
+            "read records back from a secondary's log"
+        );
     }
-    Ok(first)
+    Ok(records)
+}
+
+/// Sends LogRead for `from_seq..to_seq` and takes the records it answers
+/// with, checking that they come in order, complete, and of no newer epoch.
+async fn read_log(
+    connection: &mut Connection,
+    from_seq: u64,
+    to_seq: u64,
+    epoch: u64,
+    records: &mut Vec<CaughtUp>,
+) -> Result<(), String> {
+    let mut bytes = Vec::new();
+    Frame::LogRead { from_seq, to_seq }.encode(&mut bytes);
+    let (result, _) = connection.stream.write_all(bytes).await;
+    result.map_err(|error| format!("sending LogRead: {error}"))?;
+    let mut expected_seq = from_seq;
+    loop {
+        let reader = &mut connection.reader;
+        reader.fill().await.map_err(|error| error.to_string())?;
+        let (frame, length) = reader.frame().map_err(|error| error.to_string())?;
+        match frame {
+            Frame::Update { header, data } => {
+                if header.seq != expected_seq || header.seq >= to_seq {
+                    return Err(format!(
+                        "record seq {} arrived when seq {expected_seq} was expected",
+                        header.seq
+                    ));
+                }
+                if header.epoch > epoch {
+                    return Err(format!(
+                        "record seq {} is of epoch {}, newer than this primary's epoch {epoch}",
+                        header.seq, header.epoch
+                    ));
+                }
+                records.push(CaughtUp {
+                    seq: header.seq,
+                    offset_bytes: header.offset_bytes,
+                    fua: header.fua(),
+                    payload: Payload {
+                        buf: SharedBuf::new(AlignedBuf::copy_from(data)),
+                        crc32: data_crc32(data),
+                    },
+                });
+                expected_seq += 1;
+            }
+            Frame::LogReadEnd { next_seq } => {
+                if next_seq != to_seq || expected_seq != to_seq {
+                    return Err(format!(
+                        "LogReadEnd at seq {next_seq} after records up to seq {} of {from_seq}..{to_seq}",
+                        expected_seq - 1
+                    ));
+                }
+                reader.consume(length);
+                return Ok(());
+            }
+            // The first Ack of a new connection may come before the
+            // records; the core takes it once the secondary is a member.
+            Frame::Ack(ack) => connection.early_ack = Some(ack),
+            Frame::Error(error) => {
+                return Err(format!("refused: {:?}: {}", error.code, error.message))
+            }
+            other => {
+                return Err(format!(
+                    "unexpected {:?} while reading the log back",
+                    other.kind()
+                ))
+            }
+        }
+        reader.consume(length);
+    }
 }
 
 fn member_log(log: &LogState) -> MemberLog {
@@ -308,12 +475,89 @@ async fn handshake(
         stream,
         reader,
         log,
+        early_ack: None,
     })
 }
 
 impl Engine {
     fn now_ms(&self) -> u64 {
         self.clock.elapsed().as_millis() as u64
+    }
+
+    /// Submits the records read back, in seq order, then a flush; returns
+    /// what each will complete through.
+    fn submit_catch_up(
+        self: &Rc<Self>,
+        records: Vec<CaughtUp>,
+    ) -> Result<Vec<oneshot::Receiver<Result<(), VolumeError>>>, NodeError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = self.now_ms();
+        let mut completions = Vec::with_capacity(records.len() + 1);
+        for record in records {
+            let id = self.next_request_id.get();
+            self.next_request_id.set(id + 1);
+            let (reply, done) = oneshot::channel();
+            self.replies.borrow_mut().insert(id, reply);
+            let length = record.payload.buf.len() as u32;
+            self.core
+                .borrow_mut()
+                .submit_catch_up(
+                    id,
+                    record.seq,
+                    record.offset_bytes,
+                    length,
+                    record.fua,
+                    record.payload,
+                    now,
+                )
+                .map_err(|error| NodeError::Startup {
+                    reason: error.to_string(),
+                })?;
+            completions.push(done);
+        }
+        // Then everything durable everywhere before the volume takes
+        // requests: the flush covers every write submitted before it.
+        let id = self.next_request_id.get();
+        self.next_request_id.set(id + 1);
+        let (reply, done) = oneshot::channel();
+        self.replies.borrow_mut().insert(id, reply);
+        self.core.borrow_mut().submit_flush(id, now);
+        completions.push(done);
+        self.pump();
+        Ok(completions)
+    }
+
+    /// Waits until every caught-up record and the flush after them
+    /// completed.
+    async fn finish_catch_up(
+        self: &Rc<Self>,
+        plan: &CatchUpPlan,
+        completions: Vec<oneshot::Receiver<Result<(), VolumeError>>>,
+    ) -> Result<(), NodeError> {
+        if completions.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            records = plan.records(),
+            from_seq = plan.first_seq,
+            to_seq = plan.end_seq,
+            "catching up: writing the records again to the primary's copy and to every secondary that lacks them"
+        );
+        for done in completions {
+            let result = done.await.unwrap_or(Err(VolumeError::Stopped));
+            result.map_err(|error| NodeError::Startup {
+                reason: format!("catching up after a restart: {error}"),
+            })?;
+        }
+        tracing::info!(
+            records = plan.records(),
+            from_seq = plan.first_seq,
+            to_seq = plan.end_seq,
+            "caught up: every copy holds every record the logs held, durably"
+        );
+        Ok(())
     }
 
     async fn command_loop(self: &Rc<Self>, mut commands: mpsc::Receiver<Command>) {
@@ -526,6 +770,7 @@ impl Engine {
             stream,
             mut reader,
             log,
+            early_ack,
         } = connection;
         let outbox = Outbox::start(stream, reader.peer().to_owned());
         *self.members[member].outbox.borrow_mut() = Some(outbox.clone());
@@ -547,6 +792,12 @@ impl Engine {
             log_next_seq = log.next_seq,
             "secondary connected"
         );
+        if let Some(ack) = early_ack {
+            if let Err(reason) = self.take_ack(member, ack, &outbox) {
+                self.detach(member, &outbox);
+                return Err(reason);
+            }
+        }
         self.pump();
         let result = self.read_acks(member, &mut reader, &outbox).await;
         self.detach(member, &outbox);
@@ -564,26 +815,7 @@ impl Engine {
             while reader.has_frame() {
                 let (frame, length) = reader.frame().map_err(|error| error.to_string())?;
                 match frame {
-                    Frame::Ack(Ack {
-                        logged_seq,
-                        durable_seq,
-                        cleared_seq,
-                    }) => {
-                        let now = self.now_ms();
-                        let ack = MemberAck {
-                            logged_seq,
-                            durable_seq,
-                            cleared_seq,
-                        };
-                        let acked = self.core.borrow_mut().ack_received(member, ack, now);
-                        if let Err(violation) = acked {
-                            outbox.send_frame(&Frame::Error(ErrorFrame::new(
-                                ErrorCode::BadFrame,
-                                violation.to_string(),
-                            )));
-                            return Err(violation.to_string());
-                        }
-                    }
+                    Frame::Ack(ack) => self.take_ack(member, ack, outbox)?,
                     Frame::LogState(_) => {}
                     Frame::Error(error) => {
                         return Err(format!(
@@ -604,6 +836,27 @@ impl Engine {
             }
             self.pump();
         }
+    }
+
+    /// Hands a member's Ack to the core; one that contradicts what the
+    /// member was sent ends the connection.
+    fn take_ack(&self, member: usize, ack: Ack, outbox: &Rc<Outbox>) -> Result<(), String> {
+        let ack = MemberAck {
+            logged_seq: ack.logged_seq,
+            durable_seq: ack.durable_seq,
+            cleared_seq: ack.cleared_seq,
+        };
+        let acked = self
+            .core
+            .borrow_mut()
+            .ack_received(member, ack, self.now_ms());
+        acked.map_err(|violation| {
+            outbox.send_frame(&Frame::Error(ErrorFrame::new(
+                ErrorCode::BadFrame,
+                violation.to_string(),
+            )));
+            violation.to_string()
+        })
     }
 
     fn detach(self: &Rc<Self>, member: usize, outbox: &Rc<Outbox>) {
