@@ -123,41 +123,63 @@ unsafe impl tokio_uring::buf::IoBufMut for AlignedBuf {
 /// data lives in on the primary, shared by the local write and every
 /// secondary's send so that the payload is never copied per destination.
 #[derive(Clone, Debug)]
-pub struct SharedBuf(pub Arc<AlignedBuf>);
+pub struct SharedBuf {
+    buf: Arc<AlignedBuf>,
+    /// The payload is `buf[..length_bytes]`: a request buffer (ublk's) is
+    /// sized for the largest request and shared as it is, not copied to fit.
+    length_bytes: usize,
+}
 
 impl SharedBuf {
-    /// Wraps a filled buffer.
+    /// Wraps a filled buffer; the payload is all of it.
     pub fn new(buf: AlignedBuf) -> SharedBuf {
-        SharedBuf(Arc::new(buf))
+        let length_bytes = buf.len();
+        SharedBuf {
+            buf: Arc::new(buf),
+            length_bytes,
+        }
+    }
+
+    /// Shares the first `length_bytes` of `buf`. The caller must not write
+    /// to `buf` while this (or a clone) lives: [`Arc::get_mut`] refuses
+    /// exactly then.
+    pub fn prefix(buf: Arc<AlignedBuf>, length_bytes: usize) -> SharedBuf {
+        assert!(
+            length_bytes <= buf.len(),
+            "payload of {length_bytes} bytes in a buffer of {}",
+            buf.len()
+        );
+        SharedBuf { buf, length_bytes }
     }
 
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
-        self.0.as_slice()
+        &self.buf.as_slice()[..self.length_bytes]
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.length_bytes
     }
 
     /// True for a zero-length buffer.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.length_bytes == 0
     }
 }
 
 // SAFETY: the Arc keeps the allocation alive and unmoved for as long as this
-// clone lives, and the bytes are never written through a SharedBuf.
+// clone lives, and the bytes are never written through a SharedBuf (nor, by
+// the contract of `prefix`, by anyone else while it lives).
 unsafe impl tokio_uring::buf::IoBuf for SharedBuf {
     fn stable_ptr(&self) -> *const u8 {
-        self.0.ptr.as_ptr()
+        self.buf.ptr.as_ptr()
     }
     fn bytes_init(&self) -> usize {
-        self.0.len
+        self.length_bytes
     }
     fn bytes_total(&self) -> usize {
-        self.0.len
+        self.length_bytes
     }
 }
 

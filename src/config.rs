@@ -77,6 +77,9 @@ pub struct Config {
     /// Tuning shared by all nodes.
     #[serde(default)]
     pub replication: ReplicationConfig,
+    /// The block device the primary exposes.
+    #[serde(default)]
+    pub device: DeviceConfig,
     /// The nodes; which one is primary is chosen when `replblkd` starts.
     #[serde(rename = "node")]
     pub nodes: Vec<NodeConfig>,
@@ -131,6 +134,38 @@ impl Default for ReplicationConfig {
         }
     }
 }
+
+/// `[device]`: the primary's ublk device, `/dev/ublkbN`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceConfig {
+    /// N of `/dev/ublkbN`; absent, the driver picks one and the primary
+    /// records it under `/run/replblk` so a restart finds it again.
+    pub device_id: Option<u32>,
+    /// Hardware queues, each served by a thread of the primary.
+    pub queues: u16,
+    /// Requests in flight per queue.
+    pub queue_depth: u16,
+    /// Largest request the kernel sends; a multiple of 4096, at most the
+    /// largest update.
+    pub io_max_bytes: u32,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            device_id: None,
+            queues: 1,
+            queue_depth: 128,
+            io_max_bytes: 512 << 10,
+        }
+    }
+}
+
+/// Largest queue depth of a ublk queue (the driver's limit).
+pub const DEVICE_QUEUE_DEPTH_MAX: u16 = 4096;
+/// Most ublk queues we accept: one thread each.
+pub const DEVICE_QUEUES_MAX: u16 = 64;
 
 /// `[[node]]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -248,6 +283,34 @@ impl Config {
             if value == 0 {
                 return Err(invalid(field, "must be greater than 0".into()));
             }
+        }
+        let device = &self.device;
+        if device.queues == 0 || device.queues > DEVICE_QUEUES_MAX {
+            return Err(invalid(
+                "device.queues",
+                format!("{} must be 1 to {DEVICE_QUEUES_MAX}", device.queues),
+            ));
+        }
+        if device.queue_depth == 0 || device.queue_depth > DEVICE_QUEUE_DEPTH_MAX {
+            return Err(invalid(
+                "device.queue_depth",
+                format!(
+                    "{} must be 1 to {DEVICE_QUEUE_DEPTH_MAX}",
+                    device.queue_depth
+                ),
+            ));
+        }
+        if device.io_max_bytes < 4096
+            || !device.io_max_bytes.is_multiple_of(4096)
+            || device.io_max_bytes as usize > UPDATE_DATA_MAX_BYTES
+        {
+            return Err(invalid(
+                "device.io_max_bytes",
+                format!(
+                    "{} must be a multiple of 4096 from 4096 to the largest update ({UPDATE_DATA_MAX_BYTES})",
+                    device.io_max_bytes
+                ),
+            ));
         }
         if self.nodes.is_empty() || self.nodes.len() > NODES_MAX {
             return Err(invalid(

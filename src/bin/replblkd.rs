@@ -12,8 +12,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 
+use std::sync::Arc;
+
 use replblk::config::Config;
-use replblk::node::{secondary, volume::Volume};
+use replblk::node::{block_device, secondary, volume::Volume};
 
 #[derive(Parser)]
 #[command(version, about = "Runs one node of a replblk volume")]
@@ -39,6 +41,11 @@ struct NodeArgs {
     /// This node's id in the config.
     #[arg(long)]
     node: u32,
+    /// Primary only: run the engine without creating the ublk device
+    /// (for kernels without ublk; nothing can write to the volume then but
+    /// this process).
+    #[arg(long)]
+    no_device: bool,
 }
 
 fn main() {
@@ -65,19 +72,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         RoleCommand::Primary(args) => {
             let config = Config::load(&args.config)?;
-            // Block the stop signals before the engine thread starts, so it
-            // inherits the mask and this thread alone receives them.
+            // Block the stop signals before any thread starts, so every
+            // thread inherits the mask and this one alone receives them.
             let mut signals = SigSet::empty();
             signals.add(Signal::SIGTERM);
             signals.add(Signal::SIGINT);
             signals
                 .thread_block()
                 .context("blocking SIGTERM and SIGINT")?;
-            let volume = Volume::start(&config, args.node)
-                .with_context(|| format!("primary node {}", args.node))?;
-            let signal = signals.wait().context("waiting for a stop signal")?;
-            tracing::info!(?signal, "stopping");
+            // Decide about the device before the engine starts, so a device
+            // served by another process is refused without touching anything.
+            let plan = if args.no_device {
+                None
+            } else {
+                Some(block_device::plan(&config)?)
+            };
+            let volume = Arc::new(
+                Volume::start(&config, args.node)
+                    .with_context(|| format!("primary node {}", args.node))?,
+            );
+            match plan {
+                None => {
+                    let signal = signals.wait().context("waiting for a stop signal")?;
+                    tracing::info!(?signal, "stopping");
+                }
+                Some(plan) => {
+                    block_device::serve(&config, args.node, plan, volume.clone(), |timeout| {
+                        stop_signal(&signals, timeout)
+                    })?
+                }
+            }
+            let volume = Arc::into_inner(volume)
+                .context("the volume is still in use after the device stopped")?;
             volume.stop().context("stopping the primary")
         }
+    }
+}
+
+/// Waits up to `timeout` for SIGTERM or SIGINT (blocked in every thread).
+fn stop_signal(signals: &SigSet, timeout: std::time::Duration) -> bool {
+    let timeout = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: `signals` is a valid sigset_t, the info pointer may be null,
+    // and `timeout` outlives the call.
+    let signal = unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), &timeout) };
+    if signal > 0 {
+        tracing::info!(signal, "stopping");
+        true
+    } else {
+        false
     }
 }

@@ -65,6 +65,17 @@ pub enum NodeError {
         /// Why.
         reason: String,
     },
+    /// The ublk frontend failed.
+    #[error(transparent)]
+    Device(#[from] replblk_ublk::UblkDeviceError),
+    /// The device this volume would use is in a state we cannot take over.
+    #[error("/dev/ublkb{device_id} is {state}, not left quiesced by a dead primary: another process serves it, or it must be removed first")]
+    DeviceBusy {
+        /// The device.
+        device_id: u32,
+        /// Its state, as the driver reports it.
+        state: String,
+    },
     /// An I/O error after which the node stopped rather than guess.
     #[error("stopped after a fatal error: {reason}")]
     Fatal {

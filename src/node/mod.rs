@@ -1,6 +1,7 @@
 //! The daemons' wiring: the IO drivers around the [`crate::core`] state
 //! machines, and the [`volume`] API through which writes enter the primary.
 
+pub mod block_device;
 pub mod error;
 pub mod local_cluster;
 pub mod primary;

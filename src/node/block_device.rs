@@ -1,0 +1,320 @@
+//! The primary's block device: the [`Volume`] served as `/dev/ublkbN`
+//! through the `replblk-ublk` frontend.
+//!
+//! Writes go through the volume API, so they complete to the kernel only
+//! when every replica holds them; a flush only when everything before it is
+//! durable everywhere. Reads are served from the primary's own copy on the
+//! queue thread's ring, without the engine: a read overlapping a write still
+//! in flight may see either version, as on any disk, and a completed write
+//! is already in the copy.
+//!
+//! A write's payload is the request buffer the kernel copied the data into;
+//! the engine keeps a reference while replicas may still need it, so a tag
+//! whose buffer is still referenced when its write completes takes another
+//! from the queue's pool, and the kernel never writes over a payload in use.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use replblk_ublk::{Errno, RequestBuffer, Target};
+
+use super::error::NodeError;
+use super::volume::{Volume, VolumeError};
+use crate::buf::{AlignedBuf, SharedBuf};
+use crate::config::Config;
+
+/// The volume as a ublk target.
+pub struct VolumeTarget {
+    volume: Arc<Volume>,
+    /// The primary's copy, opened for O_DIRECT reads.
+    data: File,
+}
+
+impl VolumeTarget {
+    /// A target for `volume`, reading from node `node_id`'s copy.
+    pub fn new(volume: Arc<Volume>, config: &Config, node_id: u32) -> Result<Self, NodeError> {
+        let node = config
+            .node(node_id)
+            .ok_or(NodeError::UnknownNode { node_id })?;
+        let data = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&node.data_path)
+            .map_err(|source| {
+                NodeError::io(&node.data_path, "opening the copy for reads", source)
+            })?;
+        Ok(VolumeTarget { volume, data })
+    }
+
+    fn data_fd(&self) -> RawFd {
+        self.data.as_raw_fd()
+    }
+}
+
+/// Buffers of one queue whose payloads the engine still held when their
+/// tag moved on; taken back once the engine let go.
+type Pool = Rc<RefCell<Vec<Arc<AlignedBuf>>>>;
+
+thread_local! {
+    static POOL: Pool = Rc::new(RefCell::new(Vec::new()));
+}
+
+/// One tag's request buffer.
+pub struct TagBuffer {
+    buf: Arc<AlignedBuf>,
+    pool: Pool,
+}
+
+impl TagBuffer {
+    /// Gives the current memory to a write's payload if it is still shared
+    /// afterwards, takes a free one from the pool (or a new one).
+    fn release_if_shared(&mut self) {
+        if Arc::strong_count(&self.buf) == 1 {
+            return;
+        }
+        let capacity = self.buf.len();
+        let mut pool = self.pool.borrow_mut();
+        let free = pool
+            .iter()
+            .position(|buf| Arc::strong_count(buf) == 1 && buf.len() == capacity);
+        let fresh = match free {
+            Some(index) => pool.swap_remove(index),
+            None => Arc::new(AlignedBuf::zeroed(capacity)),
+        };
+        pool.push(std::mem::replace(&mut self.buf, fresh));
+    }
+}
+
+// SAFETY: the memory is an AlignedBuf of `capacity_bytes` kept alive by the
+// Arc this buffer holds. `as_mut_ptr` goes through `Arc::get_mut`, which
+// proves no payload (SharedBuf) shares it, and a write swaps the memory out
+// before the next call whenever a payload still does; so between two calls
+// nobody but the kernel reads or writes it.
+unsafe impl RequestBuffer for TagBuffer {
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        Arc::get_mut(&mut self.buf)
+            .expect("a request buffer is shared with a payload still in use")
+            .as_mut_slice()
+            .as_mut_ptr()
+    }
+
+    fn capacity_bytes(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+fn errno(error: &VolumeError) -> Errno {
+    match error {
+        VolumeError::BadRead { .. } => libc::EINVAL,
+        VolumeError::Request(_) | VolumeError::Read { .. } | VolumeError::Stopped => libc::EIO,
+    }
+}
+
+impl Target for VolumeTarget {
+    type Buffer = TagBuffer;
+
+    fn new_buffer(&self, capacity_bytes: usize) -> TagBuffer {
+        TagBuffer {
+            buf: Arc::new(AlignedBuf::zeroed(capacity_bytes)),
+            pool: POOL.with(Rc::clone),
+        }
+    }
+
+    async fn read(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u32,
+        buffer: &mut TagBuffer,
+    ) -> Result<(), Errno> {
+        let memory = Arc::get_mut(&mut buffer.buf).expect("request buffer unshared between writes");
+        let slice = &mut memory.as_mut_slice()[..length_bytes as usize];
+        match replblk_ublk::ring::read_at(self.data_fd(), offset_bytes, slice).await {
+            Ok(done) if done == length_bytes as usize => Ok(()),
+            Ok(done) => {
+                tracing::error!(offset_bytes, length_bytes, done, "short read from the copy");
+                Err(libc::EIO)
+            }
+            Err(error) => {
+                tracing::error!(offset_bytes, length_bytes, %error, "read from the copy failed");
+                Err(error.raw_os_error().unwrap_or(libc::EIO))
+            }
+        }
+    }
+
+    async fn write(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u32,
+        buffer: &mut TagBuffer,
+        fua: bool,
+    ) -> Result<(), Errno> {
+        let payload = SharedBuf::prefix(buffer.buf.clone(), length_bytes as usize);
+        let result = self.volume.write(offset_bytes, payload, fua).await;
+        buffer.release_if_shared();
+        result.map_err(|error| {
+            tracing::error!(offset_bytes, length_bytes, %error, "write failed");
+            errno(&error)
+        })
+    }
+
+    async fn flush(&self) -> Result<(), Errno> {
+        self.volume.flush().await.map_err(|error| {
+            tracing::error!(%error, "flush failed");
+            errno(&error)
+        })
+    }
+}
+
+/// Where the primary records the id of the device it serves, so that a
+/// restart after a crash finds the device to recover: `/run` lives exactly
+/// as long as a ublk device can (until reboot).
+pub fn device_id_path(config: &Config) -> PathBuf {
+    Path::new("/run/replblk").join(format!("{}.device", config.volume.uuid))
+}
+
+/// What to do about the device at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DevicePlan {
+    /// The id to use; `None` lets the driver pick.
+    pub device_id: Option<u32>,
+    /// Take over a device left quiesced by a primary that died.
+    pub recover: bool,
+}
+
+/// Decides, before the engine starts, whether to add a device or recover
+/// the one a previous primary of this volume left behind; refuses a device
+/// another process serves.
+pub fn plan(config: &Config) -> Result<DevicePlan, NodeError> {
+    let record = device_id_path(config);
+    let recorded = match std::fs::read_to_string(&record) {
+        Ok(text) => Some(
+            text.trim()
+                .parse::<u32>()
+                .map_err(|_| NodeError::Mismatch {
+                    path: record.clone(),
+                    field: "device id".into(),
+                    reason: format!("{:?} is not a device id", text.trim()),
+                })?,
+        ),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => return Err(NodeError::io(&record, "reading the device id", source)),
+    };
+    let configured = config.device.device_id;
+    let Some(device_id) = configured.or(recorded) else {
+        return Ok(DevicePlan {
+            device_id: None,
+            recover: false,
+        });
+    };
+    use replblk_ublk::DeviceState;
+    match replblk_ublk::device_state(device_id)? {
+        // Recorded but gone (removed by hand): start afresh.
+        None => Ok(DevicePlan {
+            device_id: configured,
+            recover: false,
+        }),
+        Some(DeviceState::Quiesced) => {
+            tracing::info!(
+                device_id,
+                "recovering the device left by the previous primary"
+            );
+            Ok(DevicePlan {
+                device_id: Some(device_id),
+                recover: true,
+            })
+        }
+        Some(state) => Err(NodeError::DeviceBusy {
+            device_id,
+            state: format!("{state:?}"),
+        }),
+    }
+}
+
+/// How often the device thread checks for a stop request.
+const STOP_POLL_INTERVAL_MS: u64 = 200;
+
+/// Serves the volume as a ublk device until `stop_requested` (called
+/// with a timeout, returns true once a stop is asked for) or until the
+/// device goes away; then removes the device. Prints `ublk device:
+/// /dev/ublkbN` on stderr once it takes requests.
+pub fn serve(
+    config: &Config,
+    node_id: u32,
+    plan: DevicePlan,
+    volume: Arc<Volume>,
+    mut stop_requested: impl FnMut(std::time::Duration) -> bool,
+) -> Result<(), NodeError> {
+    let target = Arc::new(VolumeTarget::new(volume, config, node_id)?);
+    let device = replblk_ublk::DeviceConfig {
+        device_id: plan.device_id,
+        name: "replblk".into(),
+        size_bytes: config.volume.size_bytes,
+        logical_block_size_bytes: config.volume.block_size_bytes,
+        queues: config.device.queues,
+        queue_depth: config.device.queue_depth,
+        io_max_bytes: config.device.io_max_bytes,
+        recover: plan.recover,
+    };
+    let record = device_id_path(config);
+    let (started_sender, started) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("replblk-ublk".into())
+        .spawn(move || {
+            replblk_ublk::run(&device, target, move |device_id| {
+                let _ = started_sender.send(device_id);
+            })
+        })
+        .map_err(|source| NodeError::io(Path::new("."), "spawning the device thread", source))?;
+    let interval = std::time::Duration::from_millis(STOP_POLL_INTERVAL_MS);
+    let mut device_id = None;
+    let mut stop_pending = false;
+    loop {
+        if device_id.is_none() {
+            if let Ok(id) = started.try_recv() {
+                record_device_id(&record, id)?;
+                eprintln!("ublk device: /dev/ublkb{id}");
+                tracing::info!(device_id = id, "serving /dev/ublkb{id}");
+                device_id = Some(id);
+            }
+        }
+        if thread.is_finished() {
+            break;
+        }
+        if !stop_pending {
+            stop_pending = stop_requested(interval);
+        } else {
+            // Asked to stop while the device was still starting: it can be
+            // stopped only once it has an id.
+            std::thread::sleep(interval);
+        }
+        if let (true, Some(id)) = (stop_pending, device_id) {
+            replblk_ublk::stop_device(id)?;
+            break;
+        }
+    }
+    let result = thread.join().map_err(|_| NodeError::Fatal {
+        reason: "the device thread panicked".into(),
+    })?;
+    result?;
+    match std::fs::remove_file(&record) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(NodeError::io(&record, "removing the device id", source)),
+    }
+    tracing::info!("device removed");
+    Ok(())
+}
+
+fn record_device_id(record: &Path, device_id: u32) -> Result<(), NodeError> {
+    if let Some(directory) = record.parent() {
+        std::fs::create_dir_all(directory)
+            .map_err(|source| NodeError::io(directory, "creating the run directory", source))?;
+    }
+    std::fs::write(record, format!("{device_id}\n"))
+        .map_err(|source| NodeError::io(record, "recording the device id", source))
+}

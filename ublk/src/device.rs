@@ -1,0 +1,273 @@
+//! Creating, recovering, serving and removing a ublk device.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::io::UblkDev;
+use libublk::{sys, UblkFlags};
+
+use crate::error::UblkDeviceError;
+use crate::queue;
+use crate::target::Target;
+use crate::SECTOR_SIZE_BYTES;
+
+/// The kernel's control node; absent without the ublk driver.
+const CONTROL_PATH: &str = "/dev/ublk-control";
+/// The driver's limits (include/uapi/linux/ublk_cmd.h).
+const QUEUE_DEPTH_MAX: u16 = 4096;
+const QUEUES_MAX: u16 = 4096;
+/// Largest request we accept: keeps per-tag buffers bounded
+/// (queues x depth x this is the frontend's memory).
+pub const IO_MAX_BYTES_LIMIT: u32 = 1 << 20;
+
+/// How the device looks to the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// `/dev/ublkbN`'s N; `None` lets the driver choose (new devices only).
+    pub device_id: Option<u32>,
+    /// Name shown by the driver.
+    pub name: String,
+    /// Capacity.
+    pub size_bytes: u64,
+    /// 512 or 4096.
+    pub logical_block_size_bytes: u32,
+    /// Hardware queues, each served by a thread.
+    pub queues: u16,
+    /// Requests in flight per queue.
+    pub queue_depth: u16,
+    /// Largest single request.
+    pub io_max_bytes: u32,
+    /// Take over device `device_id`, left quiesced by a server that died,
+    /// instead of adding a new one.
+    pub recover: bool,
+}
+
+impl DeviceConfig {
+    fn validate(&self) -> Result<(), UblkDeviceError> {
+        let refuse = |field, reason: String| Err(UblkDeviceError::Config { field, reason });
+        let block = self.logical_block_size_bytes;
+        if block != 512 && block != 4096 {
+            return refuse("logical block size", format!("{block} bytes; 512 or 4096"));
+        }
+        if self.size_bytes == 0 || !self.size_bytes.is_multiple_of(u64::from(block)) {
+            return refuse(
+                "size",
+                format!(
+                    "{} bytes is not a positive multiple of the {block}-byte block",
+                    self.size_bytes
+                ),
+            );
+        }
+        if self.queues == 0 || self.queues > QUEUES_MAX {
+            return refuse("queues", format!("{}; 1 to {QUEUES_MAX}", self.queues));
+        }
+        if self.queue_depth == 0 || self.queue_depth > QUEUE_DEPTH_MAX {
+            return refuse(
+                "queue depth",
+                format!("{}; 1 to {QUEUE_DEPTH_MAX}", self.queue_depth),
+            );
+        }
+        if self.io_max_bytes < 4096
+            || self.io_max_bytes > IO_MAX_BYTES_LIMIT
+            || !self.io_max_bytes.is_multiple_of(4096)
+        {
+            return refuse(
+                "largest request",
+                format!(
+                    "{} bytes; a multiple of 4096 from 4096 to {IO_MAX_BYTES_LIMIT}",
+                    self.io_max_bytes
+                ),
+            );
+        }
+        if self.recover && self.device_id.is_none() {
+            return refuse(
+                "device id",
+                "recovery needs the id of the device to recover".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A device's state as the driver reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceState {
+    /// Added, not started (or stopped).
+    Dead,
+    /// Served.
+    Live,
+    /// Its server died; requests wait for a new server to recover it.
+    Quiesced,
+    /// Its server died; requests fail.
+    FailIo,
+    /// A state this frontend does not know.
+    Other(u16),
+}
+
+/// Whether the driver is loaded.
+pub fn driver_present() -> bool {
+    Path::new(CONTROL_PATH).exists()
+}
+
+/// The state of device `device_id`, or `None` if there is no such device.
+pub fn device_state(device_id: u32) -> Result<Option<DeviceState>, UblkDeviceError> {
+    if !driver_present() {
+        return Err(UblkDeviceError::NoDriver);
+    }
+    if !Path::new(&format!("/dev/ublkc{device_id}")).exists() {
+        return Ok(None);
+    }
+    let ctrl = UblkCtrl::new_simple(device_id as i32)
+        .map_err(|error| UblkDeviceError::driver(format!("opening device {device_id}"), error))?;
+    let state = ctrl.dev_info().state;
+    Ok(Some(match u32::from(state) {
+        sys::UBLK_S_DEV_DEAD => DeviceState::Dead,
+        sys::UBLK_S_DEV_LIVE => DeviceState::Live,
+        sys::UBLK_S_DEV_QUIESCED => DeviceState::Quiesced,
+        sys::UBLK_S_DEV_FAIL_IO => DeviceState::FailIo,
+        _ => DeviceState::Other(state),
+    }))
+}
+
+/// The capacity device `device_id` was created with.
+fn device_size_bytes(ctrl: &UblkCtrl) -> Result<u64, UblkDeviceError> {
+    let mut params = sys::ublk_params {
+        len: std::mem::size_of::<sys::ublk_params>() as u32,
+        types: sys::UBLK_PARAM_TYPE_BASIC,
+        ..Default::default()
+    };
+    ctrl.get_params(&mut params)
+        .map_err(|error| UblkDeviceError::driver("reading the device's parameters", error))?;
+    Ok(params.basic.dev_sectors * SECTOR_SIZE_BYTES)
+}
+
+/// Stops device `device_id` from another thread: its queues wind down and
+/// [`run`] returns. Requests in flight complete first.
+pub fn stop_device(device_id: u32) -> Result<(), UblkDeviceError> {
+    let ctrl = UblkCtrl::new_simple(device_id as i32)
+        .map_err(|error| UblkDeviceError::driver(format!("opening device {device_id}"), error))?;
+    ctrl.kill_dev()
+        .map_err(|error| UblkDeviceError::driver(format!("stopping device {device_id}"), error))?;
+    Ok(())
+}
+
+/// Removes device `device_id` (stopped, or left by a dead server).
+pub fn remove_device(device_id: u32) -> Result<(), UblkDeviceError> {
+    let ctrl = UblkCtrl::new_simple(device_id as i32)
+        .map_err(|error| UblkDeviceError::driver(format!("opening device {device_id}"), error))?;
+    ctrl.del_dev()
+        .map_err(|error| UblkDeviceError::driver(format!("removing device {device_id}"), error))?;
+    Ok(())
+}
+
+/// Creates the device (or recovers it, see [`DeviceConfig::recover`]) and
+/// serves it with `target` until it is stopped ([`stop_device`]); then
+/// removes it. `started` is called with the device id once `/dev/ublkbN`
+/// takes requests.
+///
+/// The device is created with `UBLK_F_USER_RECOVERY_REISSUE`: should this
+/// process die, the device stays, requests wait, and the ones this process
+/// had taken are issued again to the server that recovers it.
+pub fn run<T: Target>(
+    config: &DeviceConfig,
+    target: Arc<T>,
+    started: impl FnOnce(u32) + Send + Sync + 'static,
+) -> Result<(), UblkDeviceError> {
+    config.validate()?;
+    if !driver_present() {
+        return Err(UblkDeviceError::NoDriver);
+    }
+    let dev_flags = if config.recover {
+        let device_id = config.device_id.expect("validated");
+        let ctrl = UblkCtrl::new_simple(device_id as i32).map_err(|error| {
+            UblkDeviceError::driver(format!("opening device {device_id} to recover it"), error)
+        })?;
+        let size_bytes = device_size_bytes(&ctrl)?;
+        if size_bytes != config.size_bytes {
+            return Err(UblkDeviceError::Config {
+                field: "size",
+                reason: format!(
+                    "device {device_id} has {size_bytes} bytes, the volume {}: not this volume's device",
+                    config.size_bytes
+                ),
+            });
+        }
+        ctrl.start_user_recover().map_err(|error| {
+            UblkDeviceError::driver(
+                format!("starting the recovery of device {device_id}"),
+                error,
+            )
+        })?;
+        UblkFlags::UBLK_DEV_F_RECOVER_DEV
+    } else {
+        UblkFlags::UBLK_DEV_F_ADD_DEV
+    };
+    let ctrl = UblkCtrlBuilder::default()
+        .name(&config.name)
+        .id(config.device_id.map_or(-1, |id| id as i32))
+        .nr_queues(config.queues)
+        .depth(config.queue_depth)
+        .io_buf_bytes(config.io_max_bytes)
+        .ctrl_flags(u64::from(
+            sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE,
+        ))
+        .dev_flags(dev_flags)
+        .build()
+        .map_err(|error| UblkDeviceError::driver(adding(config), error))?;
+    let device_id = ctrl.dev_info().dev_id;
+
+    let size_bytes = config.size_bytes;
+    let block_shift = config.logical_block_size_bytes.trailing_zeros() as u8;
+    let depth = u32::from(config.queue_depth);
+    let init = move |dev: &mut UblkDev| {
+        dev.tgt.dev_size = size_bytes;
+        // A queue's ring holds a fetch per idle tag, a target read per busy
+        // tag and the wake-up poll: twice the depth leaves room for bursts.
+        dev.tgt.sq_depth = (2 * depth).min(u32::from(u16::MAX)) as u16;
+        dev.tgt.cq_depth = dev.tgt.sq_depth;
+        dev.tgt.params = sys::ublk_params {
+            types: sys::UBLK_PARAM_TYPE_BASIC,
+            basic: sys::ublk_param_basic {
+                // A volatile cache makes the kernel send FLUSH (and FUA),
+                // which is how a filesystem asks for durability.
+                attrs: sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA,
+                logical_bs_shift: block_shift,
+                physical_bs_shift: block_shift.max(12),
+                io_opt_shift: 12,
+                io_min_shift: block_shift,
+                max_sectors: dev.dev_info.max_io_buf_bytes >> 9,
+                dev_sectors: size_bytes / SECTOR_SIZE_BYTES,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Ok(())
+    };
+    let queue_target = target.clone();
+    let serve = move |queue_id: u16, dev: &UblkDev| {
+        queue::serve(queue_id, dev, queue_target.clone());
+    };
+    let result = ctrl.run_target(init, serve, move |_ctrl: &UblkCtrl| started(device_id));
+    // A device taken over by recovery is not removed by libublk on drop;
+    // removing it here makes a clean stop the same in both cases.
+    let removed = ctrl.del_dev();
+    result
+        .map_err(|error| UblkDeviceError::driver(format!("serving device {device_id}"), error))?;
+    match removed {
+        Ok(_) => Ok(()),
+        Err(libublk::UblkError::OtherError(code)) if code == -libc::ENOENT => Ok(()),
+        Err(error) => Err(UblkDeviceError::driver(
+            format!("removing device {device_id}"),
+            error,
+        )),
+    }
+}
+
+fn adding(config: &DeviceConfig) -> String {
+    match (config.recover, config.device_id) {
+        (true, Some(id)) => format!("taking over device {id}"),
+        (_, Some(id)) => format!("adding device {id}"),
+        (_, None) => "adding a device".into(),
+    }
+}

@@ -1,0 +1,39 @@
+//! File I/O on the queue thread's own io_uring, for targets that serve a
+//! request from a local file without leaving the queue thread (replblk reads
+//! from the primary's copy this way).
+
+use std::os::fd::RawFd;
+
+/// Reads `buffer.len()` bytes at `offset_bytes` of `fd`, through the calling
+/// queue thread's ring. Must be awaited on a queue thread, inside a task of
+/// its executor, and awaited to the end: the kernel writes into `buffer`
+/// until the completion arrives.
+pub async fn read_at(fd: RawFd, offset_bytes: u64, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let length = u32::try_from(buffer.len()).map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "read larger than 4 GiB")
+    })?;
+    let mut done = 0_u32;
+    // A short read (never seen on O_DIRECT files, allowed by the ABI) is
+    // continued rather than returned short.
+    while done < length {
+        let sqe = io_uring::opcode::Read::new(
+            io_uring::types::Fd(fd),
+            buffer[done as usize..].as_mut_ptr(),
+            length - done,
+        )
+        .offset(offset_bytes + u64::from(done))
+        .build();
+        let result =
+            libublk::uring_async::ublk_submit_sqe_async(sqe, libublk::UblkUringData::Target as u64)
+                .await
+                .map_err(|error| std::io::Error::other(error.to_string()))?;
+        if result < 0 {
+            return Err(std::io::Error::from_raw_os_error(-result));
+        }
+        if result == 0 {
+            break;
+        }
+        done += result as u32;
+    }
+    Ok(done as usize)
+}

@@ -1,0 +1,60 @@
+//! What a block target provides to the frontend.
+
+use std::future::Future;
+
+/// A positive errno value (`libc::EIO`, ...), completed to the kernel negated.
+pub type Errno = i32;
+
+/// A request buffer: the memory the kernel copies a write's data into before
+/// handing the request over, and a read's data out of when it completes.
+///
+/// # Safety
+/// [`RequestBuffer::as_mut_ptr`] must return memory of at least
+/// [`RequestBuffer::capacity_bytes`] bytes that stays allocated, and is
+/// neither read nor written by anyone else, until the next call of any
+/// method on this buffer: between two calls the kernel may write into it
+/// (the next request's data) or read from it (a read's result).
+pub unsafe trait RequestBuffer: 'static {
+    /// Start of the buffer, for the kernel.
+    fn as_mut_ptr(&mut self) -> *mut u8;
+    /// Usable size.
+    fn capacity_bytes(&self) -> usize;
+}
+
+/// A block device's behaviour. Offsets and lengths are bytes, multiples of
+/// the logical block size, within the device; the frontend checks that
+/// before calling.
+///
+/// The futures run on a queue thread's single-threaded executor (they need
+/// not be `Send`) and may be completed from any thread.
+pub trait Target: Send + Sync + 'static {
+    /// The per-request buffer type.
+    type Buffer: RequestBuffer;
+
+    /// A buffer for one tag, of `capacity_bytes` (the device's largest
+    /// request). Called on the queue thread, once per tag.
+    fn new_buffer(&self, capacity_bytes: usize) -> Self::Buffer;
+
+    /// Fills `buffer[..length_bytes]` from `offset_bytes`.
+    fn read(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u32,
+        buffer: &mut Self::Buffer,
+    ) -> impl Future<Output = Result<(), Errno>>;
+
+    /// Writes `buffer[..length_bytes]` at `offset_bytes`; with `fua`,
+    /// completes only once it is durable. The target may swap the buffer's
+    /// memory (e.g. to keep the data while replicas still need it); the
+    /// frontend asks for the pointer afresh before the next request.
+    fn write(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u32,
+        buffer: &mut Self::Buffer,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), Errno>>;
+
+    /// Completes once every write completed before it is durable.
+    fn flush(&self) -> impl Future<Output = Result<(), Errno>>;
+}
