@@ -136,10 +136,18 @@ out=$(cd "$out" && pwd)
 case $out in /tmp/*) die "--out must not be under /tmp (the guest hides the host's /tmp)" ;; esac
 rm -rf "${out:?}/bin"
 mkdir -p "$out/bin"
-trap 'rm -rf "${out:?}/bin"' EXIT
+# The host's load during the run (qemu itself accounts for about 2): other
+# work on the machine slows the guest down unevenly.
+(while :; do echo "$(date +%s) $(cut -d' ' -f1 /proc/loadavg)"; sleep 5; done) > "$out/host-load.txt" &
+load_pid=$!
+trap 'kill "$load_pid" 2>/dev/null || true; rm -rf "${out:?}/bin"' EXIT
+replblk_built=""
 for b in replblkd replblk-ctl; do
-    if [ -x "$repo/target/release/$b" ]; then cp "$repo/target/release/$b" "$out/bin/"; fi
+    if [ -x "$repo/target/release/$b" ]; then cp -p "$repo/target/release/$b" "$out/bin/"; fi
 done
+if [ -x "$out/bin/replblkd" ]; then
+    replblk_built=", replblkd built $(date -r "$out/bin/replblkd" '+%H:%M')"
+fi
 replblk_rev=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [ -n "$(git -C "$repo" status --porcelain --untracked-files=no -- src ublk tools Cargo.toml Cargo.lock 2>/dev/null)" ]; then
     replblk_rev="$replblk_rev+uncommitted"
@@ -161,13 +169,15 @@ guest_cmd=$(printf '%q ' "$here/bench-guest.sh" --out /mnt/results --loop-bin "$
 "$here/run.sh" --timeout "$timeout" --results "$out" --log "$out/console.log" "${envs[@]}" \
     -- "$guest_cmd" || rc=$?
 wall=$((SECONDS - t0))
+kill "$load_pid" 2>/dev/null || true
+load_range=$(awk 'NR == 1 || $2 < lo {lo = $2} NR == 1 || $2 > hi {hi = $2} END {print lo "-" hi}' "$out/host-load.txt")
 [ -f "$out/rows.tsv" ] || die "the guest run produced no results (exit $rc); see $out/console.log"
 
 # --- the table ----------------------------------------------------------------
 env_get() { awk -F'\t' -v k="$1" '$1 == k {print $2; exit}' "$out/env.tsv"; }
 onoff() { case $1 in 1|on) echo on ;; 0|off) echo off ;; *) echo "unknown" ;; esac; }
 {
-    echo "Run $(date +%Y-%m-%d), replblk $replblk_rev; guest kernel $(env_get guest_kernel)"
+    echo "Run $(date +%Y-%m-%d), replblk $replblk_rev$replblk_built; guest kernel $(env_get guest_kernel)"
     echo "under $(qemu-system-x86_64 --version | head -n 1 | sed 's/ (.*//') TCG, $(env_get guest_cpus) vCPUs,"
     echo "$(env_get guest_mem_mib) MiB; host: $(nproc) cores, $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo),"
     echo "kernel $(uname -r). $(env_get fio), $(cut -f 7 "$out/rows.tsv" | sort -u | paste -sd/),"
@@ -177,7 +187,8 @@ onoff() { case $1 in 1|on) echo on ;; 0|off) echo off ;; *) echo "unknown" ;; es
     esac
     echo "O_DIRECT, $(( $(env_get size_bytes) >> 20 )) MiB devices over files on $where in the guest,"
     echo "$(env_get runtime_s) s measured after $(env_get ramp_s) s ramp per job and target, jobs interleaved"
-    echo "across targets; $((wall / 60)) min $((wall % 60)) s for the whole run."
+    echo "across targets; $((wall / 60)) min $((wall % 60)) s for the whole run; host load average"
+    echo "(1 min) $load_range during it."
     echo "Kernel loop: direct I/O $(onoff "$(env_get kernel_loop_dio)") (/sys/block/loopN/loop/dio);"
     echo "libublk loop: backing file O_DIRECT $(onoff "$(env_get libublk_loop_odirect)") (fdinfo flags $(env_get libublk_loop_flags))."
     while IFS=$'\t' read -r t reason; do

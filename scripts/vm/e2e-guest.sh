@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# The ublk end-to-end test, guest side: run by scripts/vm/e2e.sh inside the
+# test VM (it needs /dev/ublk-control). Two secondaries and a primary on the
+# guest's loopback, ext4 on /dev/ublkbN, a directory tree and a fio verify
+# job through it; then kill -9 of the primary with writes in flight, a
+# restart that recovers the device, and the same checks again.
+#
+# Usage (in the guest): scripts/vm/e2e-guest.sh BIN_DIR
+# Every step prints a line starting with "e2e:"; the first failed check
+# prints "e2e: FAILED: ..." with the nodes' logs and exits 1.
+set -euo pipefail
+
+bin=$(cd "${1:?usage: e2e-guest.sh BIN_DIR}" && pwd)
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+work=/tmp/e2e
+mnt=/mnt/volume
+size=$((512 << 20))
+# Several thousand small files (about 4,000 in 45 MiB on Debian 12); a
+# bigger tree only costs time under TCG.
+read -r -a trees <<< "${E2E_TREES:-/usr/include/linux /usr/include/c++ /usr/share/perl /usr/share/zoneinfo}"
+fio_size=${E2E_FIO_SIZE:-48M}
+config=$work/volume.toml
+pids=()
+primary_pid=""
+
+say() { echo "e2e: $*"; }
+fail() {
+    echo "e2e: FAILED: $*"
+    # The whole logs, for the host (scripts/vm/e2e.sh keeps them).
+    [ -d /mnt/results ] && cp "$work"/*.out /mnt/results/ 2>/dev/null
+    for log in "$work"/*.out; do
+        [ -f "$log" ] || continue
+        echo "----- $log (last 60 lines)"
+        tail -n 60 "$log"
+    done
+    echo "----- requests in flight on ublk devices (read write)"
+    for dev in /sys/block/ublkb*; do [ -e "$dev" ] && echo "$dev: $(cat "$dev/inflight")"; done
+    echo "----- replblk-ctl status"
+    timeout 20 "$bin/replblk-ctl" status --config "$config" 2>&1
+    echo "----- dmesg (last 40 lines)"
+    dmesg | tail -n 40
+    exit 1
+}
+cleanup() {
+    set +e
+    mountpoint -q "$mnt" && umount -l "$mnt"
+    [ -n "$primary_pid" ] && kill -TERM "$primary_pid" 2>/dev/null && wait "$primary_pid" 2>/dev/null
+    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+}
+trap cleanup EXIT
+
+# Waits up to $1 seconds for command "${@:2}" to succeed.
+wait_for() {
+    local seconds=$1; shift
+    local deadline=$((SECONDS + seconds))
+    until "$@"; do
+        [ $SECONDS -lt $deadline ] || return 1
+        sleep 0.5
+    done
+}
+
+[ -e /dev/ublk-control ] || fail "no /dev/ublk-control in this kernel"
+mkdir -p "$work" "$mnt"
+
+say "config: 3 nodes, a $((size >> 20)) MiB volume"
+cat > "$config" <<TOML
+[volume]
+uuid = "$(cat /proc/sys/kernel/random/uuid)"
+size_bytes = $size
+block_size_bytes = 4096
+
+[device]
+queues = 1
+queue_depth = 64
+io_max_bytes = 524288
+TOML
+for id in 1 2 3; do
+    cat >> "$config" <<TOML
+
+[[node]]
+id = $id
+address = "127.0.0.1:$((7100 + id))"
+data_path = "$work/node$id.data"
+log_path = "$work/node$id.log"
+log_size_bytes = $((32 << 20))
+TOML
+done
+for id in 1 2 3; do "$bin/replblk-ctl" init --config "$config" --node "$id" >/dev/null; done
+
+for id in 2 3; do
+    RUST_LOG="${RUST_LOG:-info}" "$bin/replblkd" secondary --config "$config" --node "$id" \
+        >"$work/node$id.out" 2>&1 &
+    pids+=($!)
+done
+for id in 2 3; do
+    wait_for 60 "$bin/replblk-ctl" status --config "$config" --node "$id" >/dev/null 2>&1 \
+        || fail "secondary $id did not come up"
+done
+
+# Starts the primary (its log in node1.<start>.out) and waits for its
+# device; sets $device.
+starts=0
+start_primary() {
+    starts=$((starts + 1))
+    local log=$work/node1.$starts.out
+    RUST_LOG="${RUST_LOG:-info}" "$bin/replblkd" primary --config "$config" --node 1 >"$log" 2>&1 &
+    primary_pid=$!
+    wait_for 180 grep -q "ublk device: " "$log" || fail "the primary did not create its device"
+    device=$(sed -n 's/^ublk device: //p' "$log" | tail -n 1)
+    [ -b "$device" ] || fail "$device is not a block device"
+}
+
+# True when both secondaries hold no record in their logs.
+logs_cleared() {
+    "$bin/replblk-ctl" status --config "$config" > "$work/status" 2>&1 || return 1
+    [ "$(grep -cE '^node [23] .*log_records 0$' "$work/status")" -eq 2 ]
+}
+
+# Every copy byte-identical, and a secondary's copy a clean ext4.
+check_copies() {
+    wait_for 120 logs_cleared || { cat "$work/status"; fail "logs not cleared ($1)"; }
+    for id in 2 3; do
+        cmp -n "$size" "$work/node1.data" "$work/node$id.data" \
+            || fail "node $id's copy differs from the primary's ($1)"
+    done
+    say "copies byte-identical ($((size >> 20)) MiB x 3) ($1)"
+    # The copy is the volume's bytes followed by replblk's superblock,
+    # which e2fsck ignores (a filesystem may be smaller than its device).
+    e2fsck -fn "$work/node2.data" > "$work/e2fsck.out" 2>&1 \
+        || { cat "$work/e2fsck.out"; fail "e2fsck on node 2's copy ($1)"; }
+    say "e2fsck -fn clean on node 2's copy ($1)"
+}
+
+run_verify() {
+    DEV=$1 SIZE=$fio_size IOENGINE=io_uring timeout "${E2E_FIO_TIMEOUT:-300}" \
+        fio --eta=never --output="$2" "$repo/scripts/fio/verify.fio"
+}
+
+say "phase 1: filesystem, tree copy, fio verify"
+start_primary
+say "primary serves $device"
+mkfs.ext4 -q -F "$device" || fail "mkfs.ext4 $device"
+mount "$device" "$mnt" || fail "mount $device"
+started=$SECONDS
+mkdir "$mnt/tree"
+for tree in "${trees[@]}"; do
+    cp -a "$tree" "$mnt/tree/$(echo "$tree" | tr / _)" || fail "copying $tree"
+done
+files=$(find "$mnt/tree" -type f | wc -l)
+say "copied $files files ($(du -sm "$mnt/tree" | cut -f1) MiB) in $((SECONDS - started)) s"
+same_trees() {
+    for tree in "${trees[@]}"; do
+        diff -r "$tree" "$mnt/tree/$(echo "$tree" | tr / _)" > "$work/diff.out" 2>&1 \
+            || { head -n 20 "$work/diff.out"; return 1; }
+    done
+}
+sync && echo 3 > /proc/sys/vm/drop_caches
+same_trees || fail "the copied tree differs from the original"
+run_verify "$mnt/verify.dat" "$work/fio1.out" || { cat "$work/fio1.out"; fail "fio verify (phase 1)"; }
+say "fio verify passed"
+sync
+umount "$mnt"
+check_copies "after phase 1"
+
+say "phase 2: kill -9 of the primary with writes in flight"
+mount "$device" "$mnt" || fail "mount $device again"
+rm -f "$mnt/verify.dat"
+run_verify "$mnt/verify.dat" "$work/fio2.out" &
+fio_pid=$!
+# Kill the primary the moment writes are in flight on the device (the
+# kernel's own count): those are the requests the restarted primary must
+# get again.
+writes_in_flight() {
+    read -r _ writes < "/sys/block/$(basename "$device")/inflight"
+    [ "$writes" -gt 0 ]
+}
+sleep 2
+deadline=$((SECONDS + 60))
+until writes_in_flight; do
+    [ $SECONDS -lt $deadline ] || fail "no write in flight on $device for 60 s"
+    kill -0 "$fio_pid" 2>/dev/null || fail "fio ended before the kill; raise E2E_FIO_SIZE"
+    sleep 0.05
+done
+kill -KILL "$primary_pid"
+inflight=$writes
+wait "$primary_pid" 2>/dev/null || true
+say "primary killed with $inflight writes in flight on $device"
+sleep 1
+[ -b "$device" ] || fail "$device disappeared with its server"
+mountpoint -q "$mnt" || fail "the filesystem was unmounted"
+kill -0 "$fio_pid" 2>/dev/null || fail "fio ended while the device had no server"
+say "device and mount still there, fio waiting"
+start_primary
+say "primary restarted, $device recovered"
+wait "$fio_pid" || { cat "$work/fio2.out"; fail "fio verify across the restart"; }
+say "fio verify passed across the kill and restart"
+mountpoint -q "$mnt" || fail "the filesystem is no longer mounted"
+# Read back from the device, not from the page cache.
+echo 3 > /proc/sys/vm/drop_caches
+same_trees || fail "the tree changed across the restart"
+sync
+umount "$mnt"
+check_copies "after the restart"
+
+say "phase 3: SIGTERM stops the primary and removes the device"
+kill -TERM "$primary_pid"
+wait_for 60 bash -c "! kill -0 $primary_pid 2>/dev/null" || fail "the primary did not stop on SIGTERM"
+wait "$primary_pid" || fail "the primary exited with an error on SIGTERM"
+primary_pid=""
+[ ! -e "$device" ] || fail "$device still exists after a clean stop"
+say "PASSED"

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The ublk end-to-end test, host side: boots the test guest (Debian's 6.12
+# kernel, which has ublk) and runs scripts/vm/e2e-guest.sh in it against
+# this checkout's release build: ext4 on the primary's /dev/ublkbN, a tree
+# copy and a fio verify job, kill -9 of the primary and its recovery, and
+# the replicas compared byte for byte.
+#
+# Usage: scripts/vm/e2e.sh [--no-build] [--timeout S]
+#   --no-build   use target/release as it is (scripts/test.sh has built it)
+#   --timeout S  give the guest S seconds in all (default 840)
+# Exit status: the guest's (0 when every check passed); on failure the
+# guest's own log (daemons, dmesg) has been printed. Must run as root.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+build=1
+# Under 15 minutes in all, boot included; a run takes about 5 on 2 cores.
+timeout=840
+while [ $# -gt 0 ]; do
+    case $1 in
+        --no-build) build=0; shift ;;
+        --timeout) timeout=${2:?}; shift 2 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        *) echo "e2e.sh: unknown argument: $1" >&2; exit 2 ;;
+    esac
+done
+[ "$(id -u)" = 0 ] || { echo "e2e.sh: must run as root (qemu, apt-get)" >&2; exit 2; }
+
+if [ "$build" = 1 ]; then
+    cargo build --release --workspace --manifest-path "$repo/Cargo.toml"
+fi
+# The guest sees the host's root read-only but not the host's /tmp, and a
+# rebuild during the run must not change the binaries under test: copy them.
+bin=$repo/target/vm-e2e/bin
+rm -rf "$bin"
+mkdir -p "$bin"
+for binary in replblkd replblk-ctl; do
+    [ -x "$repo/target/release/$binary" ] \
+        || { echo "e2e.sh: target/release/$binary is missing; build first" >&2; exit 1; }
+    cp "$repo/target/release/$binary" "$bin/"
+done
+trap 'rm -rf "$bin"' EXIT
+
+"$here/setup.sh" --quiet
+# Three 512 MiB copies and their logs live in the guest's tmpfs.
+export REPLBLK_VM_MEM=${REPLBLK_VM_MEM:-3072}
+started=$SECONDS
+rc=0
+results=$repo/target/vm-e2e/results
+rm -rf "$results"
+mkdir -p "$results"
+"$here/run.sh" --timeout "$timeout" --results "$results" \
+    --env "E2E_TREES=${E2E_TREES:-}" --env "E2E_FIO_TIMEOUT=${E2E_FIO_TIMEOUT:-}" \
+    --env "RUST_LOG=${RUST_LOG:-info}" \
+    -- "$here/e2e-guest.sh" "$bin" || rc=$?
+echo "e2e.sh: guest finished with status $rc after $((SECONDS - started)) s; daemons' logs of a failed run in $results"
+exit "$rc"
