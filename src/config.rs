@@ -110,6 +110,10 @@ pub struct ReplicationConfig {
     /// How long writes wait for a disconnected secondary before it is
     /// dropped from the volume.
     pub member_timeout_ms: u64,
+    /// How long a connected secondary may owe an ack (of an update, of
+    /// durability, or of clearing its full log) without progress before
+    /// the primary closes its connection, as for one that went away.
+    pub ack_timeout_ms: u64,
     /// Secondaries fdatasync their log before every ack.
     pub sync_every_ack: bool,
     /// Secondaries clear acknowledged records at least this often.
@@ -127,6 +131,7 @@ impl Default for ReplicationConfig {
             window_bytes_max: 128 << 20,
             all_acked_delay_ms: 10,
             member_timeout_ms: 30_000,
+            ack_timeout_ms: 10_000,
             sync_every_ack: false,
             clear_interval_ms: 100,
             reconnect_interval_ms: 200,
@@ -275,6 +280,7 @@ impl Config {
                 "replication.member_timeout_ms",
                 replication.member_timeout_ms,
             ),
+            ("replication.ack_timeout_ms", replication.ack_timeout_ms),
             (
                 "replication.startup_timeout_ms",
                 replication.startup_timeout_ms,

@@ -11,13 +11,16 @@ use std::time::Duration;
 
 use replblk::buf::{AlignedBuf, SharedBuf};
 use replblk::config::ReplicationConfig;
-use replblk::node::local_cluster::{LocalCluster, PRIMARY_NODE_ID};
+use replblk::node::local_cluster::{first_difference, LocalCluster, PRIMARY_NODE_ID};
 use replblk::node::volume::Volume;
 
 const BLOCK_BYTES: u64 = 4096;
 const VOLUME_BYTES: u64 = 64 << 20;
 const LOG_BYTES: u64 = 32 << 20;
 const QUEUE_DEPTH: usize = 32;
+/// Longest a workload may take while a secondary is stuck: far above the
+/// ack and member timeouts the test sets (1 s together).
+const STUCK_WORKLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 const WRITES: u64 = 10_000;
 const FLUSH_EVERY_WRITES: u64 = 500;
 const WRITE_BLOCKS_MAX: u64 = 256;
@@ -317,6 +320,72 @@ fn a_secondary_killed_mid_run_and_restarted_ends_identical() {
         "the restarted secondary ran its recovery scan: {output}"
     );
     finish(cluster, volume, &writes);
+}
+
+#[test]
+fn a_stuck_secondary_delays_writes_by_at_most_the_two_timeouts_then_is_dropped() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let replication = ReplicationConfig {
+        ack_timeout_ms: 300,
+        member_timeout_ms: 700,
+        ..replication()
+    };
+    let cluster = cluster_with(dir.path(), 2, LOG_BYTES, &replication);
+    let volume =
+        Arc::new(Volume::start(cluster.config(), PRIMARY_NODE_ID).expect("primary starts"));
+    let writes = plan(0x5EED_0007, WRITES / 5);
+    let [healthy, victim] = cluster.secondary_ids()[..] else {
+        panic!("two secondaries")
+    };
+    // SIGSTOP: its socket stays open and accepts what fits, but nothing is
+    // logged or acked; to the primary it looks like a wedged machine.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let cluster = &cluster;
+        let (volume, writes) = (volume.clone(), &writes);
+        scope.spawn(move || {
+            run_workload(volume, writes, || cluster.pause_secondary(victim));
+            let _ = done.send(());
+        });
+        // Bounded: were writes to wait for the stuck peer for ever, this
+        // fails instead of hanging (kill the paused peer so the scope ends).
+        if finished.recv_timeout(STUCK_WORKLOAD_TIMEOUT).is_err() {
+            cluster.resume_secondary(victim);
+            panic!("writes still waited for the stuck secondary after {STUCK_WORKLOAD_TIMEOUT:?}");
+        }
+    });
+    let status = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(volume.status())
+        .unwrap();
+    assert!(
+        status.members.contains(&(victim, false)) && status.members.contains(&(healthy, true)),
+        "the stuck secondary is out, the healthy one in: {status:?}"
+    );
+    check_reads(&volume, &cluster, &writes);
+    let config = cluster.config();
+    let size = config.volume.size_bytes;
+    let primary_copy = &config.node(PRIMARY_NODE_ID).unwrap().data_path;
+    let healthy_copy = &config.node(healthy).unwrap().data_path;
+    cluster
+        .wait_logs_cleared_on(&[healthy], status.next_seq, SETTLE_TIMEOUT)
+        .unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(
+        first_difference(primary_copy, healthy_copy, size).unwrap(),
+        None,
+        "the healthy secondary's copy equals the primary's"
+    );
+    check_contents(&cluster, &writes);
+    Arc::into_inner(volume)
+        .expect("no other handle")
+        .stop()
+        .expect("primary stops cleanly");
+    let mut cluster = cluster;
+    cluster.resume_secondary(victim);
+    cluster.kill_secondary(victim);
+    let exit = cluster.stop_secondary(healthy).expect("secondary stops");
+    assert!(exit.success(), "{}", cluster.output(healthy));
 }
 
 #[test]

@@ -50,6 +50,12 @@ pub struct PrimaryLimits {
     /// How long a disconnected secondary stays in new updates' sets (and
     /// stalls completion) before it is dropped from the volume.
     pub member_timeout_ms: u64,
+    /// How long a connected secondary may owe an answer (an ack of an
+    /// update sent, durability asked for, or clearing that would make room
+    /// for held-back updates) without any progress before it is treated as
+    /// gone: its connection is closed and `member_timeout_ms` starts. A
+    /// stuck peer thus delays writes by at most the sum of the two.
+    pub ack_timeout_ms: u64,
 }
 
 /// Shape of the volume, for checking requests.
@@ -280,6 +286,61 @@ pub enum Action<P> {
         /// Member index.
         member: usize,
     },
+    /// The member owed an answer for `ack_timeout_ms` and made no progress:
+    /// the core counts it as disconnected from now on, and the driver must
+    /// close its connection (a later reconnect is welcome).
+    MemberUnresponsive {
+        /// Member index.
+        member: usize,
+        /// What it owed.
+        owed: Owed,
+    },
+}
+
+/// What a connected member owes the primary, for [`Action::MemberUnresponsive`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owed {
+    /// An ack of updates sent, up to this seq.
+    Logged {
+        /// Last seq sent.
+        sent_seq: u64,
+        /// Last seq it acked as logged.
+        logged_seq: u64,
+    },
+    /// Durability (a flush or a FUA update) up to this seq.
+    Durable {
+        /// Seq asked to be durable.
+        asked_seq: u64,
+        /// Last seq it acked as durable.
+        durable_seq: u64,
+    },
+    /// Clearing its log, which is too full for the next update, after it
+    /// was told it may clear up to `all_acked_seq`.
+    Cleared {
+        /// Last seq it reported cleared.
+        cleared_seq: u64,
+        /// The all-acked point it was told.
+        all_acked_seq: u64,
+    },
+}
+
+impl std::fmt::Display for Owed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Owed::Logged { sent_seq, logged_seq } => write!(
+                f,
+                "an ack of updates up to seq {sent_seq} (acked up to {logged_seq})"
+            ),
+            Owed::Durable { asked_seq, durable_seq } => write!(
+                f,
+                "durability up to seq {asked_seq} (durable up to {durable_seq})"
+            ),
+            Owed::Cleared { cleared_seq, all_acked_seq } => write!(
+                f,
+                "clearing its full log up to seq {all_acked_seq} (cleared up to {cleared_seq}) so held-back updates fit"
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,6 +417,12 @@ struct Member {
     /// Connected at least once since this primary started; until then its
     /// log may hold records of the previous run past the resume point.
     joined: bool,
+    /// Highest FUA update sent on this connection: it owes durability up
+    /// to there.
+    fua_sent_seq: u64,
+    /// While connected: since when it has owed an answer without progress
+    /// (see [`PrimaryLimits::ack_timeout_ms`]).
+    owed_since_ms: Option<u64>,
 }
 
 /// Where a member's log stands when it connects.
@@ -450,6 +517,8 @@ impl<P: Clone> Primary<P> {
                 cleared_seq: 0,
                 next_to_send: first_seq,
                 joined: false,
+                fua_sent_seq: 0,
+                owed_since_ms: None,
             })
             .collect();
         Primary {
@@ -478,6 +547,11 @@ impl<P: Clone> Primary<P> {
     #[must_use]
     pub fn poll_action(&mut self) -> Option<Action<P>> {
         self.actions.pop_front()
+    }
+
+    /// The limits it runs with.
+    pub fn limits(&self) -> &PrimaryLimits {
+        &self.limits
     }
 
     /// The seq the next write will get.
@@ -812,6 +886,9 @@ impl<P: Clone> Primary<P> {
             all_acked_seq: self.all_acked_seq,
             payload: slot.payload.clone(),
         };
+        if slot.fua {
+            self.members[member].fua_sent_seq = seq;
+        }
         self.tracker.mark_sent(member, seq);
         self.actions.push_back(action);
         self.note_all_acked_sent(member);
@@ -957,6 +1034,8 @@ impl<P: Clone> Primary<P> {
             record.in_log.push_back((log_next_seq - 1, log.used_bytes));
         }
         record.next_to_send = log_next_seq;
+        record.fua_sent_seq = 0;
+        record.owed_since_ms = None;
         let bit = 1u64 << member;
         for seq in self.window_start_seq..self.next_seq {
             if self.tracker.set_mask(seq) & bit == 0 {
@@ -998,6 +1077,7 @@ impl<P: Clone> Primary<P> {
             self.members[member].state = MemberState::Disconnected {
                 since_ms: self.now_ms,
             };
+            self.members[member].owed_since_ms = None;
         }
     }
 
@@ -1060,6 +1140,13 @@ impl<P: Clone> Primary<P> {
             }
         }
         let record = &mut self.members[member];
+        let progressed = logged_seq > record.logged_seq
+            || durable_seq > record.durable_seq
+            || cleared_seq > record.cleared_seq;
+        if progressed {
+            // The clock restarts; `progress` stops it if nothing is owed.
+            record.owed_since_ms = None;
+        }
         record.logged_seq = logged_seq;
         record.durable_seq = record.durable_seq.max(durable_seq);
         record.cleared_seq = cleared_seq;
@@ -1081,9 +1168,15 @@ impl<P: Clone> Primary<P> {
         self.members
             .iter()
             .filter_map(|member| match member.state {
-                MemberState::Connected => member
-                    .all_acked_pending_since_ms
-                    .map(|since| since + self.limits.all_acked_delay_ms),
+                MemberState::Connected => {
+                    let all_acked_due = member
+                        .all_acked_pending_since_ms
+                        .map(|since| since + self.limits.all_acked_delay_ms);
+                    let owed_due = member
+                        .owed_since_ms
+                        .map(|since| since + self.limits.ack_timeout_ms);
+                    all_acked_due.into_iter().chain(owed_due).min()
+                }
                 MemberState::Disconnected { since_ms } => {
                     Some(since_ms + self.limits.member_timeout_ms)
                 }
@@ -1092,13 +1185,27 @@ impl<P: Clone> Primary<P> {
             .min()
     }
 
-    /// Time has passed: sends due all-acked notifications and drops members
-    /// gone too long.
+    /// Time has passed: sends due all-acked notifications, disconnects
+    /// members that owed an answer too long and drops members gone too long.
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.set_now(now_ms);
         for member in 0..self.members.len() {
             match self.members[member].state {
                 MemberState::Connected => {
+                    let unresponsive = self.members[member]
+                        .owed_since_ms
+                        .is_some_and(|since| since + self.limits.ack_timeout_ms <= self.now_ms);
+                    if unresponsive {
+                        let owed = self.owed(member).expect("a clock runs only while owed");
+                        let record = &mut self.members[member];
+                        record.state = MemberState::Disconnected {
+                            since_ms: self.now_ms,
+                        };
+                        record.owed_since_ms = None;
+                        self.actions
+                            .push_back(Action::MemberUnresponsive { member, owed });
+                        continue;
+                    }
                     let due = self.members[member]
                         .all_acked_pending_since_ms
                         .is_some_and(|since| since + self.limits.all_acked_delay_ms <= self.now_ms);
@@ -1143,6 +1250,63 @@ impl<P: Clone> Primary<P> {
         self.complete_flushes();
         self.retire();
         self.admit_pending();
+        self.run_owed_clocks();
+    }
+
+    /// What a connected member owes, if anything: the first of an ack of
+    /// what it was sent, durability it was asked for, or clearing that held
+    /// back updates wait for.
+    fn owed(&self, member: usize) -> Option<Owed> {
+        let record = &self.members[member];
+        if record.state != MemberState::Connected {
+            return None;
+        }
+        let sent_seq = record.next_to_send - 1;
+        if record.logged_seq < sent_seq {
+            return Some(Owed::Logged {
+                sent_seq,
+                logged_seq: record.logged_seq,
+            });
+        }
+        let bit = 1u64 << member;
+        let asked_seq = self
+            .flushes
+            .iter()
+            .filter(|flush| flush.wait_mask & bit != 0)
+            .map(|flush| flush.through_seq)
+            .max()
+            .unwrap_or(0)
+            .max(record.fua_sent_seq)
+            .min(sent_seq);
+        if record.durable_seq < asked_seq {
+            return Some(Owed::Durable {
+                asked_seq,
+                durable_seq: record.durable_seq,
+            });
+        }
+        let held_back = record.next_to_send < self.next_seq;
+        if held_back && record.cleared_seq < record.all_acked_sent_seq.min(record.logged_seq) {
+            return Some(Owed::Cleared {
+                cleared_seq: record.cleared_seq,
+                all_acked_seq: record.all_acked_sent_seq,
+            });
+        }
+        None
+    }
+
+    /// Starts the clock of every member that now owes an answer, and stops
+    /// that of every member that owes nothing.
+    fn run_owed_clocks(&mut self) {
+        for member in 0..self.members.len() {
+            let owes = self.owed(member).is_some();
+            let now_ms = self.now_ms;
+            let record = &mut self.members[member];
+            match (owes, record.owed_since_ms) {
+                (true, None) => record.owed_since_ms = Some(now_ms),
+                (false, Some(_)) => record.owed_since_ms = None,
+                _ => {}
+            }
+        }
     }
 
     /// Claim 9: the all-acked point is the end of the contiguous prefix of
@@ -1382,6 +1546,7 @@ mod tests {
             window_bytes_max: 64 * BLOCK * 8,
             all_acked_delay_ms: 10,
             member_timeout_ms: 1_000_000,
+            ack_timeout_ms: 1_000_000,
         }
     }
 
@@ -1658,7 +1823,9 @@ mod tests {
                         }
                         self.completed.push(id);
                     }
-                    Action::MemberDropped { .. } => panic!("no member times out here"),
+                    Action::MemberDropped { .. } | Action::MemberUnresponsive { .. } => {
+                        panic!("no member times out here")
+                    }
                 }
             }
         }
@@ -1920,6 +2087,7 @@ mod tests {
             window_bytes_max: 1 << 20,
             all_acked_delay_ms: 10,
             member_timeout_ms: 100,
+            ack_timeout_ms: 1_000_000,
         };
         let geometry = Geometry {
             volume_size_bytes: 1 << 20,
@@ -1952,6 +2120,174 @@ mod tests {
             primary.member_connected(1, empty_log(), 200),
             Err(MemberRefusal::Dropped)
         );
+    }
+
+    fn stuck_peer_limits() -> (PrimaryLimits, Geometry) {
+        let limits = PrimaryLimits {
+            window_updates_max: 64,
+            window_bytes_max: 1 << 20,
+            all_acked_delay_ms: 10,
+            member_timeout_ms: 500,
+            ack_timeout_ms: 100,
+        };
+        let geometry = Geometry {
+            volume_size_bytes: 1 << 20,
+            block_size_bytes: 4096,
+            write_max_bytes: 1 << 16,
+        };
+        (limits, geometry)
+    }
+
+    fn unresponsive(actions: &[Action<()>]) -> Vec<(usize, Owed)> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::MemberUnresponsive { member, owed } => Some((*member, *owed)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stuck_peer_a_secondary_that_never_acks_is_disconnected_then_dropped_and_the_write_completes()
+    {
+        let (limits, geometry) = stuck_peer_limits();
+        let mut primary: Primary<()> = Primary::new(limits, geometry, &[1 << 20, 1 << 20], 1, 1, 0);
+        primary.member_connected(0, empty_log(), 0).unwrap();
+        primary.member_connected(1, empty_log(), 0).unwrap();
+        primary.submit_write(1, 0, 4096, false, (), 0).unwrap();
+        primary.local_write_done(1, Ok(()), 0);
+        primary.ack_received(0, ack(1, 0, 0), 5).unwrap();
+        let _ = std::iter::from_fn(|| primary.poll_action()).count();
+        // Member 1 owes the ack since the update went out at 0.
+        assert_eq!(primary.poll_timeout(), Some(100));
+        primary.handle_timeout(99);
+        let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
+        assert!(unresponsive(&actions).is_empty(), "not yet: {actions:?}");
+        primary.handle_timeout(100);
+        let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
+        assert_eq!(
+            unresponsive(&actions),
+            vec![(
+                1,
+                Owed::Logged {
+                    sent_seq: 1,
+                    logged_seq: 0
+                }
+            )]
+        );
+        assert!(!primary.is_connected(1));
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Complete { .. })),
+            "the write still waits for member 1 while it may come back"
+        );
+        // It does not come back: dropped after member_timeout_ms more, and
+        // the write completes without it.
+        assert_eq!(primary.poll_timeout(), Some(600));
+        primary.handle_timeout(600);
+        let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, Action::MemberDropped { member: 1 })));
+        assert!(actions.iter().any(|a| matches!(
+            a,
+            Action::Complete {
+                id: 1,
+                result: Ok(())
+            }
+        )));
+    }
+
+    #[test]
+    fn stuck_peer_a_slow_secondary_that_keeps_making_progress_is_never_disconnected() {
+        let (limits, geometry) = stuck_peer_limits();
+        let mut primary: Primary<()> = Primary::new(limits, geometry, &[1 << 20], 1, 1, 0);
+        primary.member_connected(0, empty_log(), 0).unwrap();
+        // A new write every 60 ms, each acked 90 ms after it was sent: the
+        // member always owes something, but never for 100 ms without
+        // progress.
+        for seq in 1..=20u64 {
+            let now_ms = seq * 60;
+            primary
+                .submit_write(seq, 0, 4096, false, (), now_ms)
+                .unwrap();
+            primary.local_write_done(seq, Ok(()), now_ms);
+            if seq > 1 {
+                primary
+                    .ack_received(0, ack(seq - 1, 0, 0), now_ms + 30)
+                    .unwrap();
+            }
+            primary.handle_timeout(now_ms + 59);
+            let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
+            assert!(
+                unresponsive(&actions).is_empty(),
+                "at {now_ms} ms: {actions:?}"
+            );
+        }
+        assert!(primary.is_connected(0));
+    }
+
+    #[test]
+    fn stuck_peer_a_flush_never_made_durable_disconnects_the_secondary() {
+        let (limits, geometry) = stuck_peer_limits();
+        let mut primary: Primary<()> = Primary::new(limits, geometry, &[1 << 20], 1, 1, 0);
+        primary.member_connected(0, empty_log(), 0).unwrap();
+        primary.submit_write(1, 0, 4096, false, (), 0).unwrap();
+        primary.local_write_done(1, Ok(()), 0);
+        primary.ack_received(0, ack(1, 0, 0), 10).unwrap();
+        primary.submit_flush(2, 20);
+        let _ = std::iter::from_fn(|| primary.poll_action()).count();
+        primary.handle_timeout(119);
+        assert!(
+            primary.is_connected(0),
+            "the clock started with the flush at 20 ms"
+        );
+        primary.handle_timeout(120);
+        let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
+        assert_eq!(
+            unresponsive(&actions),
+            vec![(
+                0,
+                Owed::Durable {
+                    asked_seq: 1,
+                    durable_seq: 0
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn stuck_peer_only_the_stuck_secondary_is_blamed_when_a_healthy_ones_log_fills_behind_it() {
+        let (limits, mut geometry) = stuck_peer_limits();
+        geometry.write_max_bytes = 4096;
+        // Member 0's log holds two records of 4 KiB; member 1's is large.
+        let small_ring = 2 * super::super::secondary::record_size_bytes(4096);
+        let mut primary: Primary<()> =
+            Primary::new(limits, geometry, &[small_ring, 1 << 20], 1, 1, 0);
+        primary.member_connected(0, empty_log(), 0).unwrap();
+        primary.member_connected(1, empty_log(), 0).unwrap();
+        for seq in 1..=3u64 {
+            primary.submit_write(seq, 0, 4096, false, (), 0).unwrap();
+            primary.local_write_done(seq, Ok(()), 0);
+        }
+        // Member 0 logs what it got (seq 3 is held back: its log is full);
+        // member 1 acks nothing, so nothing is all-acked and member 0 may
+        // not clear.
+        primary.ack_received(0, ack(2, 0, 0), 10).unwrap();
+        let _ = std::iter::from_fn(|| primary.poll_action()).count();
+        primary.handle_timeout(100);
+        let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
+        assert_eq!(
+            unresponsive(&actions),
+            vec![(
+                1,
+                Owed::Logged {
+                    sent_seq: 3,
+                    logged_seq: 0
+                }
+            )]
+        );
+        assert!(primary.is_connected(0));
     }
 
     #[test]

@@ -73,12 +73,13 @@ impl LocalCluster {
         let mut text = format!(
             "[volume]\nuuid = \"{uuid}\"\nsize_bytes = {volume_size_bytes}\nblock_size_bytes = 4096\n\n\
              [replication]\nwindow_updates_max = {}\nwindow_bytes_max = {}\nall_acked_delay_ms = {}\n\
-             member_timeout_ms = {}\nsync_every_ack = {}\nclear_interval_ms = {}\n\
-             reconnect_interval_ms = {}\nstartup_timeout_ms = {}\n",
+             member_timeout_ms = {}\nack_timeout_ms = {}\nsync_every_ack = {}\n\
+             clear_interval_ms = {}\nreconnect_interval_ms = {}\nstartup_timeout_ms = {}\n",
             replication.window_updates_max,
             replication.window_bytes_max,
             replication.all_acked_delay_ms,
             replication.member_timeout_ms,
+            replication.ack_timeout_ms,
             replication.sync_every_ack,
             replication.clear_interval_ms,
             replication.reconnect_interval_ms,
@@ -274,13 +275,20 @@ impl LocalCluster {
     /// Waits until every secondary has logged and cleared everything before
     /// `next_seq`: start-of-log pointer at the end of the log.
     pub fn wait_logs_cleared(&self, next_seq: u64, timeout: Duration) -> Result<(), String> {
+        self.wait_logs_cleared_on(&self.secondary_ids(), next_seq, timeout)
+    }
+
+    /// [`LocalCluster::wait_logs_cleared`] for secondaries `ids` only.
+    pub fn wait_logs_cleared_on(
+        &self,
+        ids: &[u32],
+        next_seq: u64,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         loop {
-            let states: Vec<(u32, Result<LogState, String>)> = self
-                .secondary_ids()
-                .into_iter()
-                .map(|id| (id, self.log_state(id)))
-                .collect();
+            let states: Vec<(u32, Result<LogState, String>)> =
+                ids.iter().map(|&id| (id, self.log_state(id))).collect();
             let cleared = states.iter().all(|(_, state)| {
                 state.as_ref().is_ok_and(|s| {
                     s.start_seq == next_seq

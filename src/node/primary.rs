@@ -48,6 +48,9 @@ struct Member {
     node_id: u32,
     address: SocketAddr,
     outbox: RefCell<Option<Rc<Outbox>>>,
+    /// The connection's socket, to shut down when the core gives up on an
+    /// unresponsive member (its writer may be stuck in a send).
+    stream: RefCell<Option<Rc<TcpStream>>>,
 }
 
 struct Engine {
@@ -61,6 +64,8 @@ struct Engine {
     next_request_id: Cell<RequestId>,
     stopping: Cell<bool>,
     reconnect_interval: Duration,
+    /// Longest wait for a secondary's answer to the handshake.
+    handshake_timeout: Duration,
     clock: Instant,
 }
 
@@ -120,6 +125,7 @@ pub(crate) fn run(
             window_bytes_max: replication.window_bytes_max,
             all_acked_delay_ms: replication.all_acked_delay_ms,
             member_timeout_ms: replication.member_timeout_ms,
+            ack_timeout_ms: replication.ack_timeout_ms,
         };
         let geometry = Geometry {
             volume_size_bytes: config.volume.size_bytes,
@@ -148,12 +154,14 @@ pub(crate) fn run(
                     node_id: secondary.id,
                     address: secondary.address,
                     outbox: RefCell::new(None),
+                    stream: RefCell::new(None),
                 })
                 .collect(),
             replies: RefCell::new(HashMap::new()),
             next_request_id: Cell::new(1),
             stopping: Cell::new(false),
             reconnect_interval: Duration::from_millis(replication.reconnect_interval_ms),
+            handshake_timeout: Duration::from_millis(replication.ack_timeout_ms),
             clock: Instant::now(),
         });
         let ticker = engine.clone();
@@ -714,6 +722,20 @@ impl Engine {
                         let _ = reply.send(result.map_err(VolumeError::from));
                     }
                 }
+                Action::MemberUnresponsive { member, owed } => {
+                    let limit_ms = self.core.borrow().limits().ack_timeout_ms;
+                    tracing::warn!(
+                        secondary = self.members[member].node_id,
+                        %owed,
+                        "secondary owed {owed} for ack_timeout_ms ({limit_ms} ms) without progress: closing its connection; writes wait for it up to member_timeout_ms more"
+                    );
+                    if let Some(stream) = self.members[member].stream.borrow_mut().take() {
+                        let _ = stream.shutdown(std::net::Shutdown::Both);
+                    }
+                    if let Some(outbox) = self.members[member].outbox.borrow().as_ref() {
+                        outbox.close();
+                    }
+                }
                 Action::MemberDropped { member } => {
                     tracing::error!(
                         secondary = self.members[member].node_id,
@@ -736,9 +758,15 @@ impl Engine {
         while !self.stopping.get() {
             let attached = match connection.take() {
                 Some(connection) => Ok(connection),
-                None => {
-                    handshake(address, node_id, self.volume_uuid, self.node_id, self.epoch).await
-                }
+                // A peer that accepts but never answers (stopped, wedged)
+                // must not hold the loop: it is retried like one that
+                // refuses.
+                None => tokio::time::timeout(
+                    self.handshake_timeout,
+                    handshake(address, node_id, self.volume_uuid, self.node_id, self.epoch),
+                )
+                .await
+                .unwrap_or_else(|_| Err("no answer to the handshake within ack_timeout_ms".into())),
             };
             match attached {
                 Ok(connection) => {
@@ -772,6 +800,7 @@ impl Engine {
             log,
             early_ack,
         } = connection;
+        *self.members[member].stream.borrow_mut() = Some(stream.clone());
         let outbox = Outbox::start(stream, reader.peer().to_owned());
         *self.members[member].outbox.borrow_mut() = Some(outbox.clone());
         let connected =
@@ -861,6 +890,7 @@ impl Engine {
 
     fn detach(self: &Rc<Self>, member: usize, outbox: &Rc<Outbox>) {
         outbox.close();
+        self.members[member].stream.borrow_mut().take();
         self.members[member].outbox.borrow_mut().take();
         self.core
             .borrow_mut()
