@@ -236,7 +236,7 @@ pub fn run<T: Target>(
                 physical_bs_shift: block_shift.max(12),
                 io_opt_shift: 12,
                 io_min_shift: block_shift,
-                max_sectors: dev.dev_info.max_io_buf_bytes >> 9,
+                max_sectors: dev.dev_info.max_io_buf_bytes / SECTOR_SIZE_BYTES as u32,
                 dev_sectors: size_bytes / SECTOR_SIZE_BYTES,
                 ..Default::default()
             },

@@ -65,6 +65,10 @@ pub(crate) fn serve<T: Target>(queue_id: u16, dev: &UblkDev, target: Arc<T>) {
     }
 }
 
+/// The operation's bits of `ublksrv_io_desc.op_flags` (the rest are flags
+/// such as FUA).
+const OP_MASK: u32 = 0xff;
+
 /// What a request asks for, decoded from its descriptor.
 enum Request {
     Read {
@@ -84,9 +88,12 @@ enum Request {
 }
 
 fn decode(iod: &sys::ublksrv_io_desc) -> Request {
-    let op = iod.op_flags & 0xff;
-    let offset_bytes = iod.start_sector * SECTOR_SIZE_BYTES;
-    let length_bytes = iod.nr_sectors << 9;
+    let op = iod.op_flags & OP_MASK;
+    // The kernel keeps requests within the device; should a position
+    // overflow anyway, the saturated value fails the bounds check and the
+    // request is refused.
+    let offset_bytes = iod.start_sector.saturating_mul(SECTOR_SIZE_BYTES);
+    let length_bytes = iod.nr_sectors.saturating_mul(SECTOR_SIZE_BYTES as u32);
     match op {
         sys::UBLK_IO_OP_READ => Request::Read {
             offset_bytes,
@@ -174,4 +181,155 @@ async fn handle<T: Target>(
         }
     };
     outcome.unwrap_or_else(|errno| -errno)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::Errno;
+
+    const CAPACITY_BYTES: usize = 64 << 10;
+    const SIZE_BYTES: u64 = 1 << 20;
+
+    struct Buffer(Vec<u8>);
+
+    // SAFETY: a test buffer no kernel ever touches.
+    unsafe impl RequestBuffer for Buffer {
+        fn as_mut_ptr(&mut self) -> *mut u8 {
+            self.0.as_mut_ptr()
+        }
+        fn capacity_bytes(&self) -> usize {
+            self.0.len()
+        }
+    }
+
+    /// Records what the frontend asked of it.
+    #[derive(Default)]
+    struct Recorder {
+        calls: std::sync::Mutex<Vec<String>>,
+        fail_with: Option<Errno>,
+    }
+
+    impl Recorder {
+        fn result(&self, call: String) -> Result<(), Errno> {
+            self.calls.lock().unwrap().push(call);
+            self.fail_with.map_or(Ok(()), Err)
+        }
+    }
+
+    impl Target for Recorder {
+        type Buffer = Buffer;
+        fn new_buffer(&self, capacity_bytes: usize) -> Buffer {
+            Buffer(vec![0; capacity_bytes])
+        }
+        async fn read(&self, offset: u64, length: u32, _: &mut Buffer) -> Result<(), Errno> {
+            self.result(format!("read {offset} {length}"))
+        }
+        async fn write(
+            &self,
+            offset: u64,
+            length: u32,
+            _: &mut Buffer,
+            fua: bool,
+        ) -> Result<(), Errno> {
+            self.result(format!("write {offset} {length} fua={fua}"))
+        }
+        async fn flush(&self) -> Result<(), Errno> {
+            self.result("flush".into())
+        }
+    }
+
+    fn iod(op_flags: u32, start_sector: u64, nr_sectors: u32) -> sys::ublksrv_io_desc {
+        sys::ublksrv_io_desc {
+            op_flags,
+            nr_sectors,
+            start_sector,
+            addr: 0,
+        }
+    }
+
+    /// What the kernel would get back, and what the target was asked.
+    fn serve(target: &Recorder, iod: sys::ublksrv_io_desc) -> (i32, Vec<String>) {
+        let mut buffer = target.new_buffer(CAPACITY_BYTES);
+        let result = smol::block_on(handle(
+            decode(&iod),
+            target,
+            &mut buffer,
+            CAPACITY_BYTES,
+            SIZE_BYTES,
+        ));
+        (result, std::mem::take(&mut target.calls.lock().unwrap()))
+    }
+
+    #[test]
+    fn requests_reach_the_target_in_bytes_with_their_fua_flag() {
+        let target = Recorder::default();
+        assert_eq!(
+            serve(&target, iod(sys::UBLK_IO_OP_READ, 8, 16)),
+            (8192, vec!["read 4096 8192".to_string()])
+        );
+        assert_eq!(
+            serve(
+                &target,
+                iod(sys::UBLK_IO_OP_WRITE | sys::UBLK_IO_F_FUA, 16, 8)
+            ),
+            (4096, vec!["write 8192 4096 fua=true".to_string()])
+        );
+        assert_eq!(
+            serve(&target, iod(sys::UBLK_IO_OP_WRITE, 0, 8)),
+            (4096, vec!["write 0 4096 fua=false".to_string()])
+        );
+        assert_eq!(
+            serve(&target, iod(sys::UBLK_IO_OP_FLUSH, 0, 0)),
+            (0, vec!["flush".to_string()])
+        );
+    }
+
+    #[test]
+    fn requests_past_the_end_or_larger_than_the_buffer_are_refused_untouched() {
+        let target = Recorder::default();
+        let last_sector = SIZE_BYTES / SECTOR_SIZE_BYTES;
+        for iod in [
+            iod(sys::UBLK_IO_OP_WRITE, last_sector - 7, 16),
+            iod(sys::UBLK_IO_OP_READ, last_sector, 8),
+            iod(sys::UBLK_IO_OP_WRITE, 0, (CAPACITY_BYTES as u32 / 512) + 8),
+            iod(sys::UBLK_IO_OP_WRITE, u64::MAX / 256, 8),
+            iod(sys::UBLK_IO_OP_READ, 0, u32::MAX),
+        ] {
+            assert_eq!(serve(&target, iod), (-libc::EINVAL, vec![]), "{iod:?}");
+        }
+    }
+
+    #[test]
+    fn operations_not_advertised_get_an_error_and_never_reach_the_target() {
+        let target = Recorder::default();
+        for op in [
+            sys::UBLK_IO_OP_DISCARD,
+            sys::UBLK_IO_OP_WRITE_ZEROES,
+            sys::UBLK_IO_OP_WRITE_SAME,
+            0x7f,
+        ] {
+            assert_eq!(
+                serve(&target, iod(op, 0, 8)),
+                (-libc::EOPNOTSUPP, vec![]),
+                "op {op}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_target_error_is_completed_as_its_negated_errno() {
+        let target = Recorder {
+            fail_with: Some(libc::EIO),
+            ..Recorder::default()
+        };
+        assert_eq!(
+            serve(&target, iod(sys::UBLK_IO_OP_WRITE, 0, 8)).0,
+            -libc::EIO
+        );
+        assert_eq!(
+            serve(&target, iod(sys::UBLK_IO_OP_FLUSH, 0, 0)).0,
+            -libc::EIO
+        );
+    }
 }
