@@ -33,38 +33,10 @@ die() {
     for log in "$work"/*.out; do echo "----- $log"; tail -n 30 "$log"; done >&2
     exit 1
 }
-# Waits up to $1 seconds for "${@:2}" to succeed.
-wait_for() {
-    local deadline=$((SECONDS + $1))
-    shift
-    until "$@"; do
-        [ $SECONDS -lt $deadline ] || return 1
-        sleep 0.2
-    done
-}
+# shellcheck source=lib/cluster.sh
+. "$(dirname "$0")/lib/cluster.sh"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-cat > "$config" <<TOML
-[volume]
-uuid = "$(cat /proc/sys/kernel/random/uuid)"
-size_bytes = $size
-block_size_bytes = 4096
-
-[device]
-queues = 1
-queue_depth = 64
-TOML
-for id in 1 2 3; do
-    cat >> "$config" <<TOML
-
-[[node]]
-id = $id
-address = "127.0.0.1:$(free_port)"
-data_path = "$work/node$id.data"
-log_path = "$work/node$id.log"
-log_size_bytes = $((32 << 20))
-TOML
-done
+write_config "$config" "$work" "$size" $((32 << 20)) "$(free_port)" "$(free_port)" "$(free_port)"
 echo "== config: $config"
 cat "$config"
 
@@ -72,15 +44,7 @@ echo "== creating each node's data and log files"
 for id in 1 2 3; do "$bin/replblk-ctl" init --config "$config" --node "$id"; done
 
 echo "== starting secondaries 2 and 3"
-for id in 2 3; do
-    RUST_LOG=${RUST_LOG:-info} "$bin/replblkd" secondary --config "$config" --node "$id" \
-        >"$work/node$id.out" 2>&1 &
-    pids+=($!)
-done
-for id in 2 3; do
-    wait_for 60 "$bin/replblk-ctl" status --config "$config" --node "$id" >/dev/null 2>&1 \
-        || die "secondary $id did not come up"
-done
+start_secondaries "$bin" "$config" "$work" || die "the secondaries did not come up"
 
 echo "== starting primary node 1 with its block device"
 RUST_LOG=${RUST_LOG:-info} "$bin/replblkd" primary --config "$config" --node 1 \
@@ -113,11 +77,7 @@ echo "the copied tree reads back identical"
 umount "$mnt"
 
 echo "== the secondaries clear their logs once told everything is all-acked"
-logs_cleared() {
-    "$bin/replblk-ctl" status --config "$config" > "$work/status" 2>/dev/null || true
-    [ "$(grep -cE '^node [23] .*log_records 0$' "$work/status")" -eq 2 ]
-}
-wait_for 60 logs_cleared || { cat "$work/status"; die "a secondary's log was not cleared"; }
+wait_for 60 logs_cleared "$bin" "$config" "$work/status" || { cat "$work/status"; die "a secondary's log was not cleared"; }
 grep -E "^node [23] " "$work/status"
 echo "every secondary's start-of-log pointer has reached the end of its log"
 

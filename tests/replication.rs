@@ -12,7 +12,7 @@ use std::time::Duration;
 use replblk::buf::{AlignedBuf, SharedBuf};
 use replblk::config::ReplicationConfig;
 use replblk::node::local_cluster::{first_difference, LocalCluster, PRIMARY_NODE_ID};
-use replblk::node::volume::Volume;
+use replblk::node::volume::{Volume, VolumeStatus};
 
 const BLOCK_BYTES: u64 = 4096;
 const VOLUME_BYTES: u64 = 64 << 20;
@@ -210,16 +210,21 @@ fn check_contents(cluster: &LocalCluster, writes: &[Write]) {
     }
 }
 
+/// The engine's view: seqs, what is in flight, which members are connected.
+fn status_of(volume: &Volume) -> VolumeStatus {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(volume.status())
+        .unwrap()
+}
+
 /// Stops the primary and every secondary, then checks what a user relies
 /// on: identical copies, the written bytes, and logs cleared to their end
 /// (read back from the log files themselves).
 fn finish(mut cluster: LocalCluster, volume: Arc<Volume>, writes: &[Write]) {
     check_reads(&volume, &cluster, writes);
-    let status = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap()
-        .block_on(volume.status())
-        .unwrap();
+    let status = status_of(&volume);
     assert!(
         status.in_flight == 0,
         "nothing in flight after the final flush: {status:?}"
@@ -354,11 +359,7 @@ fn a_stuck_secondary_delays_writes_by_at_most_the_two_timeouts_then_is_dropped()
             panic!("writes still waited for the stuck secondary after {STUCK_WORKLOAD_TIMEOUT:?}");
         }
     });
-    let status = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap()
-        .block_on(volume.status())
-        .unwrap();
+    let status = status_of(&volume);
     assert!(
         status.members.contains(&(victim, false)) && status.members.contains(&(healthy, true)),
         "the stuck secondary is out, the healthy one in: {status:?}"

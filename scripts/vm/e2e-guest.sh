@@ -49,53 +49,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Waits up to $1 seconds for command "${@:2}" to succeed.
-wait_for() {
-    local seconds=$1; shift
-    local deadline=$((SECONDS + seconds))
-    until "$@"; do
-        [ $SECONDS -lt $deadline ] || return 1
-        sleep 0.5
-    done
-}
+# shellcheck source=../lib/cluster.sh
+. "$repo/scripts/lib/cluster.sh"
 
 [ -e /dev/ublk-control ] || fail "no /dev/ublk-control in this kernel"
 mkdir -p "$work" "$mnt"
 
 say "config: 3 nodes, a $((size >> 20)) MiB volume"
-cat > "$config" <<TOML
-[volume]
-uuid = "$(cat /proc/sys/kernel/random/uuid)"
-size_bytes = $size
-block_size_bytes = 4096
-
-[device]
-queues = 1
-queue_depth = 64
-io_max_bytes = 524288
-TOML
-for id in 1 2 3; do
-    cat >> "$config" <<TOML
-
-[[node]]
-id = $id
-address = "127.0.0.1:$((7100 + id))"
-data_path = "$work/node$id.data"
-log_path = "$work/node$id.log"
-log_size_bytes = $((32 << 20))
-TOML
-done
+write_config "$config" "$work" "$size" $((32 << 20)) 7101 7102 7103
 for id in 1 2 3; do "$bin/replblk-ctl" init --config "$config" --node "$id" >/dev/null; done
 
-for id in 2 3; do
-    RUST_LOG="${RUST_LOG:-info}" "$bin/replblkd" secondary --config "$config" --node "$id" \
-        >"$work/node$id.out" 2>&1 &
-    pids+=($!)
-done
-for id in 2 3; do
-    wait_for 60 "$bin/replblk-ctl" status --config "$config" --node "$id" >/dev/null 2>&1 \
-        || fail "secondary $id did not come up"
-done
+start_secondaries "$bin" "$config" "$work" || fail "the secondaries did not come up"
 
 # Starts the primary (its log in node1.<start>.out) and waits for its
 # device; sets $device.
@@ -110,15 +74,9 @@ start_primary() {
     [ -b "$device" ] || fail "$device is not a block device"
 }
 
-# True when both secondaries hold no record in their logs.
-logs_cleared() {
-    "$bin/replblk-ctl" status --config "$config" > "$work/status" 2>&1 || return 1
-    [ "$(grep -cE '^node [23] .*log_records 0$' "$work/status")" -eq 2 ]
-}
-
 # Every copy byte-identical, and a secondary's copy a clean ext4.
 check_copies() {
-    wait_for 120 logs_cleared || { cat "$work/status"; fail "logs not cleared ($1)"; }
+    wait_for 120 logs_cleared "$bin" "$config" "$work/status" || { cat "$work/status"; fail "logs not cleared ($1)"; }
     for id in 2 3; do
         cmp -n "$size" "$work/node1.data" "$work/node$id.data" \
             || fail "node $id's copy differs from the primary's ($1)"
