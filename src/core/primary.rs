@@ -1538,6 +1538,8 @@ mod tests {
         now_ms: u64,
         /// Each member's ring.
         ring_bytes: u64,
+        /// How often the core gave up on an unresponsive member.
+        unresponsive: u64,
     }
 
     fn sim_limits() -> PrimaryLimits {
@@ -1571,8 +1573,12 @@ mod tests {
 
     impl Sim {
         fn new(member_count: usize) -> Sim {
+            Sim::with_limits(member_count, sim_limits())
+        }
+
+        fn with_limits(member_count: usize, limits: PrimaryLimits) -> Sim {
             let mut primary = Primary::new(
-                sim_limits(),
+                limits,
                 sim_geometry(),
                 &vec![RING_BYTES; member_count],
                 1,
@@ -1601,6 +1607,7 @@ mod tests {
                 completed: Vec::new(),
                 now_ms: 0,
                 ring_bytes: RING_BYTES,
+                unresponsive: 0,
             }
         }
 
@@ -1823,9 +1830,16 @@ mod tests {
                         }
                         self.completed.push(id);
                     }
-                    Action::MemberDropped { .. } | Action::MemberUnresponsive { .. } => {
-                        panic!("no member times out here")
+                    Action::MemberUnresponsive { member, .. } => {
+                        // The driver closes the connection: what was in
+                        // flight on it is lost.
+                        let sim = &mut self.members[member];
+                        assert!(sim.connected, "member {member} given up twice");
+                        sim.inbox.clear();
+                        sim.connected = false;
+                        self.unresponsive += 1;
                     }
+                    Action::MemberDropped { .. } => panic!("no member is dropped here"),
                 }
             }
         }
@@ -1967,6 +1981,25 @@ mod tests {
                         .member_connected(member, log, self.now_ms)
                         .unwrap();
                 }
+                7 => {
+                    // A member the core gave up on connects again.
+                    let member = rng.below(self.members.len().max(1) as u64) as usize;
+                    let Some(sim) = self.members.get_mut(member) else {
+                        return false;
+                    };
+                    if sim.connected {
+                        return false;
+                    }
+                    sim.connected = true;
+                    let log = MemberLog {
+                        start_seq: sim.cleared_seq + 1,
+                        next_seq: sim.log.len() as u64 + 1,
+                        used_bytes: Self::used_bytes(sim, &self.lengths),
+                    };
+                    self.primary
+                        .member_connected(member, log, self.now_ms)
+                        .unwrap();
+                }
                 _ => return false,
             }
             true
@@ -1990,7 +2023,7 @@ mod tests {
     /// Submits `writes` random requests among random events, lets it all
     /// settle and checks that every request (`earlier` of them submitted
     /// before) completed and every copy ends identical.
-    fn run_workload(mut sim: Sim, rng: &mut Rng, seed: u64, writes: u64, earlier: u64) {
+    fn run_workload(mut sim: Sim, rng: &mut Rng, seed: u64, writes: u64, earlier: u64) -> Sim {
         let mut next_id = 1;
         let mut flushes = Vec::new();
         for _ in 0..writes * 40 {
@@ -2034,6 +2067,29 @@ mod tests {
                 "seed {seed}: member {member}'s copy differs from the primary's"
             );
         }
+        sim
+    }
+
+    /// Members that fall silent for longer than a short `ack_timeout_ms`
+    /// are given up on (their connection closed, what was on it lost) and
+    /// connect again later; returns how often that happened.
+    fn simulate_unresponsive(seed: u64, member_count: usize, writes: u64) -> u64 {
+        let mut rng = Rng(seed | 1);
+        let limits = PrimaryLimits {
+            ack_timeout_ms: 40,
+            ..sim_limits()
+        };
+        let sim = Sim::with_limits(member_count, limits);
+        run_workload(sim, &mut rng, seed, writes, 0).unresponsive
+    }
+
+    #[test]
+    fn members_given_up_on_for_silence_come_back_and_every_copy_ends_identical() {
+        let given_up: u64 = (1..40u64)
+            .map(|seed| simulate_unresponsive(seed * 0x9E37_79B9, 1 + (seed % 3) as usize, 150))
+            .sum();
+        // The runs above must exercise the path, or they prove nothing.
+        assert!(given_up > 20, "only {given_up} members were given up on");
     }
 
     #[test]
@@ -2536,6 +2592,13 @@ mod tests {
         #[test]
         fn random_interleavings_keep_copies_identical(seed in any::<u64>(), members in 0usize..=3) {
             simulate(seed, members, 150);
+        }
+
+        /// The same with members given up on when silent past a short
+        /// `ack_timeout_ms`, and reconnecting.
+        #[test]
+        fn silent_members_given_up_on_keep_copies_identical(seed in any::<u64>(), members in 1usize..=3) {
+            simulate_unresponsive(seed, members, 150);
         }
 
         /// A restart whatever the logs' ends, the primary copy's state, the
