@@ -5,7 +5,8 @@
 #   write_config CONFIG WORK SIZE_BYTES LOG_BYTES PORT...
 #                                        a config with nodes 1-3 (1 is the
 #                                        primary), files under WORK, node i
-#                                        listening on the i-th PORT
+#                                        listening on the i-th PORT; the
+#                                        device gets $QUEUES queues (1)
 #   start_secondaries BIN CONFIG WORK    start nodes 2 and 3 (output in
 #                                        WORK/nodeN.out), append their pids
 #                                        to the array `pids`, wait until both
@@ -37,7 +38,7 @@ size_bytes = $size_bytes
 block_size_bytes = 4096
 
 [device]
-queues = 1
+queues = ${QUEUES:-1}
 queue_depth = 64
 io_max_bytes = 524288
 TOML

@@ -55,8 +55,10 @@ trap cleanup EXIT
 [ -e /dev/ublk-control ] || fail "no /dev/ublk-control in this kernel"
 mkdir -p "$work" "$mnt"
 
-say "config: 3 nodes, a $((size >> 20)) MiB volume"
-write_config "$config" "$work" "$size" $((32 << 20)) 7101 7102 7103
+say "config: 3 nodes, a $((size >> 20)) MiB volume, a device with 2 queues"
+# Two queues, one per guest CPU: requests arrive on both queue threads, so
+# completions cross from the engine to each.
+QUEUES=2 write_config "$config" "$work" "$size" $((32 << 20)) 7101 7102 7103
 for id in 1 2 3; do "$bin/replblk-ctl" init --config "$config" --node "$id" >/dev/null; done
 
 start_secondaries "$bin" "$config" "$work" || fail "the secondaries did not come up"
