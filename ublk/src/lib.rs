@@ -12,6 +12,8 @@
 //! own ring (see [`wake`]), the one bridge that respects the rule that only
 //! the queue thread touches its ring.
 
+#![warn(missing_docs)]
+
 mod device;
 mod error;
 mod queue;
