@@ -54,6 +54,7 @@ wait_for 120 grep -q "^ublk device: " "$work/node1.out" || die "the primary crea
 device=$(sed -n 's/^ublk device: //p' "$work/node1.out")
 echo "primary serves $device"
 lsblk "$device" 2>/dev/null || true
+echo "logical_block_size $(cat "/sys/block/$(basename "$device")/queue/logical_block_size")"
 
 echo "== mkfs.ext4 and mount"
 mkfs.ext4 -q -F "$device"

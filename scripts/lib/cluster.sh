@@ -6,7 +6,8 @@
 #                                        a config with nodes 1-3 (1 is the
 #                                        primary), files under WORK, node i
 #                                        listening on the i-th PORT; the
-#                                        device gets $QUEUES queues (1)
+#                                        device gets $QUEUES queues (1), the
+#                                        volume $BLOCK_SIZE-byte blocks (4096)
 #   start_secondaries BIN CONFIG WORK    start nodes 2 and 3 (output in
 #                                        WORK/nodeN.out), append their pids
 #                                        to the array `pids`, wait until both
@@ -35,7 +36,7 @@ write_config() {
 [volume]
 uuid = "$(cat /proc/sys/kernel/random/uuid)"
 size_bytes = $size_bytes
-block_size_bytes = 4096
+block_size_bytes = ${BLOCK_SIZE:-4096}
 
 [device]
 queues = ${QUEUES:-1}

@@ -3,7 +3,8 @@
 # kernel, which has ublk) and runs scripts/vm/e2e-guest.sh in it against
 # this checkout's release build: ext4 on the primary's /dev/ublkbN, a tree
 # copy and a fio verify job, kill -9 of the primary and its recovery, and
-# the replicas compared byte for byte.
+# the replicas compared byte for byte; then the demonstration on a volume
+# of 512-byte blocks.
 #
 # Usage: scripts/vm/e2e.sh [--no-build] [--timeout S]
 #   --no-build   use target/release as it is (scripts/test.sh has built it)
@@ -55,4 +56,21 @@ mkdir -p "$results"
     --env "RUST_LOG=${RUST_LOG:-info}" \
     -- "$here/e2e-guest.sh" "$bin" || rc=$?
 echo "e2e.sh: guest finished with status $rc after $((SECONDS - started)) s; daemons' logs of a failed run in $results"
-exit "$rc"
+[ "$rc" = 0 ] || exit "$rc"
+
+# A volume of 512-byte blocks, the other logical block size a device may
+# have: the demonstration (ext4, files written and read back, copies
+# compared, e2fsck, the device removed) must pass on it as well.
+echo "e2e.sh: 512-byte blocks: scripts/demo-device.sh in the guest"
+started=$SECONDS
+"$here/run.sh" --timeout 300 --env BLOCK_SIZE=512 \
+    -- "mkdir -p /tmp/demo && $(printf '%q ' "$repo/scripts/demo-device.sh" "$bin" /tmp/demo)" \
+    > "$results/demo-512.out" 2>&1 || rc=$?
+if [ "$rc" != 0 ]; then
+    cat "$results/demo-512.out"
+    echo "e2e.sh: FAILED with 512-byte blocks (status $rc)"
+    exit "$rc"
+fi
+grep -q "^logical_block_size 512$" "$results/demo-512.out" \
+    || { cat "$results/demo-512.out"; echo "e2e.sh: the device did not have 512-byte blocks"; exit 1; }
+echo "e2e.sh: 512-byte blocks passed after $((SECONDS - started)) s"
