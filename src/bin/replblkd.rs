@@ -85,7 +85,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let plan = if args.no_device {
                 None
             } else {
-                Some(block_device::plan(&config)?)
+                Some(block_device::plan(&config).context(
+                    "the primary serves its volume as /dev/ublkbN; --no-device runs the engine alone",
+                )?)
             };
             let volume = Arc::new(
                 Volume::start(&config, args.node)

@@ -190,6 +190,11 @@ pub struct DevicePlan {
 /// the one a previous primary of this volume left behind; refuses a device
 /// another process serves.
 pub fn plan(config: &Config) -> Result<DevicePlan, NodeError> {
+    // Refused before anything starts, rather than after the engine has
+    // connected to every secondary.
+    if !replblk_ublk::driver_present() {
+        return Err(replblk_ublk::UblkDeviceError::NoDriver.into());
+    }
     let record = device_id_path(config);
     let recorded = match std::fs::read_to_string(&record) {
         Ok(text) => Some(

@@ -21,7 +21,9 @@ pub mod ring;
 mod target;
 pub mod wake;
 
-pub use device::{device_state, remove_device, run, stop_device, DeviceConfig, DeviceState};
+pub use device::{
+    device_state, driver_present, remove_device, run, stop_device, DeviceConfig, DeviceState,
+};
 pub use error::UblkDeviceError;
 pub use target::{Errno, RequestBuffer, Target};
 
