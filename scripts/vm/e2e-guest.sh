@@ -96,8 +96,28 @@ run_verify() {
         fio --eta=never --output="$2" "$repo/scripts/fio/verify.fio"
 }
 
-say "phase 1: filesystem, tree copy, fio verify"
+say "phase 0: kill -9 of the primary while it creates its device"
+starts=$((starts + 1))
+RUST_LOG="${RUST_LOG:-info}" "$bin/replblkd" primary --config "$config" --node 1 \
+    >"$work/node1.$starts.out" 2>&1 &
+primary_pid=$!
+# libublk logs the device's creation before it starts it.
+wait_for 180 grep -q "flags .* created" "$work/node1.$starts.out" \
+    || fail "the primary did not create its device"
+kill -KILL "$primary_pid"
+wait "$primary_pid" 2>/dev/null || true
+if grep -q "^ublk device: " "$work/node1.$starts.out"; then
+    left="quiesced (killed after the start)"
+else
+    left="added, not started"
+fi
+say "primary killed; its device left $left"
 start_primary
+grep -qE "removing /dev/ublkb[0-9]+, left added|recovering the device" "$work/node1.$starts.out" \
+    || fail "the restarted primary did not take over the device left behind"
+say "the restarted primary took over the device it left behind"
+
+say "phase 1: filesystem, tree copy, fio verify"
 say "primary serves $device"
 mkfs.ext4 -q -F "$device" || fail "mkfs.ext4 $device"
 mount "$device" "$mnt" || fail "mount $device"

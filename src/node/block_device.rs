@@ -210,29 +210,70 @@ pub fn plan(config: &Config) -> Result<DevicePlan, NodeError> {
         Err(source) => return Err(NodeError::io(&record, "reading the device id", source)),
     };
     let configured = config.device.device_id;
-    let Some(device_id) = configured.or(recorded) else {
-        return Ok(DevicePlan {
-            device_id: None,
-            recover: false,
-        });
+    let state = match configured.or(recorded) {
+        Some(device_id) => replblk_ublk::device_state(device_id)?,
+        None => None,
     };
+    let (plan, left_dead) = decide(configured, recorded, state)?;
+    if let Some(device_id) = left_dead {
+        tracing::warn!(
+            device_id,
+            "removing /dev/ublkb{device_id}, left added but not served by a primary that died starting or stopping it"
+        );
+        replblk_ublk::remove_device(device_id)?;
+    }
+    if plan.recover {
+        tracing::info!(
+            device_id = plan.device_id,
+            "recovering the device left by the previous primary"
+        );
+    }
+    Ok(plan)
+}
+
+/// The decision of [`plan`], without I/O: from the configured and the
+/// recorded device id and the state of the device they name, what to do,
+/// and which device (left dead) to remove first.
+fn decide(
+    configured: Option<u32>,
+    recorded: Option<u32>,
+    state: Option<replblk_ublk::DeviceState>,
+) -> Result<(DevicePlan, Option<u32>), NodeError> {
     use replblk_ublk::DeviceState;
-    match replblk_ublk::device_state(device_id)? {
+    let Some(device_id) = configured.or(recorded) else {
+        return Ok((
+            DevicePlan {
+                device_id: None,
+                recover: false,
+            },
+            None,
+        ));
+    };
+    match state {
         // Recorded but gone (removed by hand): start afresh.
-        None => Ok(DevicePlan {
-            device_id: configured,
-            recover: false,
-        }),
-        Some(DeviceState::Quiesced) => {
-            tracing::info!(
-                device_id,
-                "recovering the device left by the previous primary"
-            );
-            Ok(DevicePlan {
+        None => Ok((
+            DevicePlan {
+                device_id: configured,
+                recover: false,
+            },
+            None,
+        )),
+        Some(DeviceState::Quiesced) => Ok((
+            DevicePlan {
                 device_id: Some(device_id),
                 recover: true,
-            })
-        }
+            },
+            None,
+        )),
+        // Added but not served: nothing waits on it and no disk is
+        // visible, so it is removed and added again under the same id.
+        Some(DeviceState::Dead) => Ok((
+            DevicePlan {
+                device_id: Some(device_id),
+                recover: false,
+            },
+            Some(device_id),
+        )),
         Some(state) => Err(NodeError::DeviceBusy {
             device_id,
             state: format!("{state:?}"),
@@ -266,11 +307,22 @@ pub fn serve(
         recover: plan.recover,
     };
     let record = device_id_path(config);
+    let added_record = record.clone();
+    // Recorded as soon as the driver has the device, before it starts, so
+    // that a restart after a crash at any point finds it (see `plan`).
+    let added = move |device_id| {
+        if let Err(error) = record_device_id(&added_record, device_id) {
+            tracing::error!(
+                %error,
+                "the device id is not recorded: should this primary die, a restart will not find /dev/ublkb{device_id} to recover unless device.device_id names it"
+            );
+        }
+    };
     let (started_sender, started) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("replblk-ublk".into())
         .spawn(move || {
-            replblk_ublk::run(&device, target, move |device_id| {
+            replblk_ublk::run(&device, target, added, move |device_id| {
                 let _ = started_sender.send(device_id);
             })
         })
@@ -281,7 +333,6 @@ pub fn serve(
     loop {
         if device_id.is_none() {
             if let Ok(id) = started.try_recv() {
-                record_device_id(&record, id)?;
                 eprintln!("ublk device: /dev/ublkb{id}");
                 tracing::info!(device_id = id, "serving /dev/ublkb{id}");
                 device_id = Some(id);
@@ -322,4 +373,69 @@ fn record_device_id(record: &Path, device_id: u32) -> Result<(), NodeError> {
     }
     std::fs::write(record, format!("{device_id}\n"))
         .map_err(|source| NodeError::io(record, "recording the device id", source))
+}
+
+#[cfg(test)]
+mod tests {
+    use replblk_ublk::DeviceState;
+
+    use super::*;
+
+    fn plan_of(device_id: Option<u32>, recover: bool) -> DevicePlan {
+        DevicePlan { device_id, recover }
+    }
+
+    #[test]
+    fn no_id_configured_or_recorded_adds_a_device_the_driver_numbers() {
+        assert_eq!(
+            decide(None, None, None).unwrap(),
+            (plan_of(None, false), None)
+        );
+    }
+
+    #[test]
+    fn a_device_left_quiesced_by_a_dead_primary_is_recovered() {
+        assert_eq!(
+            decide(None, Some(3), Some(DeviceState::Quiesced)).unwrap(),
+            (plan_of(Some(3), true), None)
+        );
+        assert_eq!(
+            decide(Some(5), None, Some(DeviceState::Quiesced)).unwrap(),
+            (plan_of(Some(5), true), None)
+        );
+    }
+
+    #[test]
+    fn a_device_left_added_but_not_served_is_removed_and_added_again() {
+        assert_eq!(
+            decide(None, Some(3), Some(DeviceState::Dead)).unwrap(),
+            (plan_of(Some(3), false), Some(3))
+        );
+    }
+
+    #[test]
+    fn a_recorded_device_that_is_gone_is_not_reused_unless_configured() {
+        assert_eq!(
+            decide(None, Some(3), None).unwrap(),
+            (plan_of(None, false), None)
+        );
+        assert_eq!(
+            decide(Some(3), Some(3), None).unwrap(),
+            (plan_of(Some(3), false), None)
+        );
+    }
+
+    #[test]
+    fn a_device_another_process_serves_is_refused() {
+        for state in [
+            DeviceState::Live,
+            DeviceState::FailIo,
+            DeviceState::Other(9),
+        ] {
+            assert!(matches!(
+                decide(None, Some(3), Some(state)),
+                Err(NodeError::DeviceBusy { device_id: 3, .. })
+            ));
+        }
+    }
 }

@@ -163,8 +163,10 @@ pub fn remove_device(device_id: u32) -> Result<(), UblkDeviceError> {
 
 /// Creates the device (or recovers it, see [`DeviceConfig::recover`]) and
 /// serves it with `target` until it is stopped ([`stop_device`]); then
-/// removes it. `started` is called with the device id once `/dev/ublkbN`
-/// takes requests.
+/// removes it. `added` is called with the device id as soon as the driver
+/// has the device (before it is started: a caller that records the id
+/// there finds the device again should it die while starting it), and
+/// `started` once `/dev/ublkbN` takes requests.
 ///
 /// The device is created with `UBLK_F_USER_RECOVERY_REISSUE`: should this
 /// process die, the device stays, requests wait, and the ones this process
@@ -172,6 +174,7 @@ pub fn remove_device(device_id: u32) -> Result<(), UblkDeviceError> {
 pub fn run<T: Target>(
     config: &DeviceConfig,
     target: Arc<T>,
+    added: impl FnOnce(u32),
     started: impl FnOnce(u32) + Send + Sync + 'static,
 ) -> Result<(), UblkDeviceError> {
     config.validate()?;
@@ -216,6 +219,7 @@ pub fn run<T: Target>(
         .build()
         .map_err(|error| UblkDeviceError::driver(adding(config), error))?;
     let device_id = ctrl.dev_info().dev_id;
+    added(device_id);
 
     let size_bytes = config.size_bytes;
     let block_shift = config.logical_block_size_bytes.trailing_zeros() as u8;
