@@ -7,7 +7,7 @@ use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
 use crate::proto::{
-    decode_frame, Frame, ProtoError, FRAME_BODY_MAX_BYTES, FRAME_HEADER_SIZE_BYTES,
+    decode_frame, frame_length, Frame, ProtoError, FRAME_BODY_MAX_BYTES, FRAME_HEADER_SIZE_BYTES,
 };
 
 /// Why a connection stopped yielding frames.
@@ -75,16 +75,18 @@ impl FrameReader {
     /// True when a whole frame (or a malformed one) is already buffered, so
     /// [`FrameReader::next_frame`] will not wait on the socket.
     pub fn has_frame(&self) -> bool {
-        match decode_frame(self.buffered()) {
+        match frame_length(self.buffered()) {
             Ok(_) => true,
             Err(error) => !error.is_truncated(),
         }
     }
 
-    /// Waits until a whole frame is buffered and returns its length.
+    /// Waits until a whole frame is buffered (or a malformed header is:
+    /// that is refused at once). Only [`FrameReader::frame`] reads the
+    /// body and checks the crc, so each frame's bytes are hashed once.
     pub async fn fill(&mut self) -> Result<(), NetError> {
         loop {
-            match decode_frame(self.buffered()) {
+            match frame_length(self.buffered()) {
                 Ok(_) => return Ok(()),
                 Err(error) if !error.is_truncated() => {
                     return Err(NetError::Proto {

@@ -744,6 +744,24 @@ pub fn decode_body<'a>(
 /// (oversized, wrong length for its kind, ...) is refused as soon as its 16
 /// bytes are present, and a wrong magic as soon as its 4 bytes are.
 pub fn decode_frame(bytes: &[u8]) -> Result<(Frame<'_>, usize), ProtoError> {
+    let (header, header_bytes, body) = split_frame(bytes)?;
+    let frame = decode_body(&header, header_bytes, body)?;
+    Ok((frame, header.frame_len()))
+}
+
+/// The length of the first frame of `bytes` once all of it is there, with
+/// the errors of [`decode_frame`] for its header (a wrong magic, an
+/// oversized or ill-formed header, [`ProtoError::Truncated`]) but without
+/// reading its body: a streaming reader waits on this, then decodes the
+/// frame, and so checks each frame's crc once.
+pub fn frame_length(bytes: &[u8]) -> Result<usize, ProtoError> {
+    split_frame(bytes).map(|(header, _, _)| header.frame_len())
+}
+
+/// The first frame's header, decoded, its bytes and its body.
+fn split_frame(
+    bytes: &[u8],
+) -> Result<(FrameHeader, &[u8; FRAME_HEADER_SIZE_BYTES], &[u8]), ProtoError> {
     let Some((header_bytes, rest)) = bytes.split_first_chunk::<FRAME_HEADER_SIZE_BYTES>() else {
         // Garbage need not wait for a whole header to be refused.
         if let Some(magic) = bytes.first_chunk::<U32_SIZE_BYTES>() {
@@ -765,8 +783,7 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Frame<'_>, usize), ProtoError> {
             have: bytes.len(),
         });
     };
-    let frame = decode_body(&header, header_bytes, body)?;
-    Ok((frame, frame_len))
+    Ok((header, header_bytes, body))
 }
 
 fn decode_hello(b: &[u8; HELLO_BODY_SIZE_BYTES]) -> Result<Frame<'static>, ProtoError> {
@@ -1139,6 +1156,29 @@ mod tests {
         let body_start =
             bytes.as_ptr() as usize + FRAME_HEADER_SIZE_BYTES + UPDATE_FIXED_SIZE_BYTES;
         assert_eq!(got.as_ptr() as usize, body_start);
+    }
+
+    #[test]
+    fn frame_length_waits_for_the_whole_frame_and_leaves_the_crc_to_decode_frame() {
+        let mut bytes = Vec::new();
+        Frame::Flush { seq: 5 }.encode(&mut bytes);
+        assert_eq!(frame_length(&bytes).unwrap(), bytes.len());
+        assert!(frame_length(&bytes[..bytes.len() - 1])
+            .unwrap_err()
+            .is_truncated());
+        // A flipped body bit: the frame is whole, its crc is wrong, and the
+        // reader learns so from decode_frame.
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert_eq!(frame_length(&bytes).unwrap(), bytes.len());
+        assert!(matches!(
+            decode_frame(&bytes),
+            Err(ProtoError::BadCrc { .. })
+        ));
+        assert!(matches!(
+            frame_length(b"XXXX"),
+            Err(ProtoError::BadMagic { .. })
+        ));
     }
 
     #[test]
