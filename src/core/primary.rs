@@ -1878,6 +1878,20 @@ mod tests {
                 .sum()
         }
 
+        /// The member's link comes up, its log as it stands.
+        fn reconnect(&mut self, member: usize) {
+            let sim = &mut self.members[member];
+            sim.connected = true;
+            let log = MemberLog {
+                start_seq: sim.cleared_seq + 1,
+                next_seq: sim.log.len() as u64 + 1,
+                used_bytes: Self::used_bytes(sim, &self.lengths),
+            };
+            self.primary
+                .member_connected(member, log, self.now_ms)
+                .unwrap();
+        }
+
         fn step(&mut self, rng: &mut Rng) -> bool {
             let choice = rng.below(8);
             match choice {
@@ -1970,16 +1984,7 @@ mod tests {
                     sim.connected = false;
                     self.primary.member_disconnected(member, self.now_ms);
                     self.pump();
-                    let sim = &mut self.members[member];
-                    sim.connected = true;
-                    let log = MemberLog {
-                        start_seq: sim.cleared_seq + 1,
-                        next_seq: sim.log.len() as u64 + 1,
-                        used_bytes: Self::used_bytes(sim, &self.lengths),
-                    };
-                    self.primary
-                        .member_connected(member, log, self.now_ms)
-                        .unwrap();
+                    self.reconnect(member);
                 }
                 7 => {
                     // A member the core gave up on connects again.
@@ -1990,15 +1995,7 @@ mod tests {
                     if sim.connected {
                         return false;
                     }
-                    sim.connected = true;
-                    let log = MemberLog {
-                        start_seq: sim.cleared_seq + 1,
-                        next_seq: sim.log.len() as u64 + 1,
-                        used_bytes: Self::used_bytes(sim, &self.lengths),
-                    };
-                    self.primary
-                        .member_connected(member, log, self.now_ms)
-                        .unwrap();
+                    self.reconnect(member);
                 }
                 _ => return false,
             }
@@ -2162,19 +2159,26 @@ mod tests {
         );
         primary.handle_timeout(100);
         let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
-        assert!(actions
-            .iter()
-            .any(|a| matches!(a, Action::MemberDropped { member: 1 })));
-        assert!(actions.iter().any(|a| matches!(
-            a,
-            Action::Complete {
-                id: 1,
-                result: Ok(())
-            }
-        )));
+        assert_dropped_and_completed(&actions, 1, 1);
         assert_eq!(
             primary.member_connected(1, empty_log(), 200),
             Err(MemberRefusal::Dropped)
+        );
+    }
+
+    /// `member` was dropped and request `id` completed without it.
+    fn assert_dropped_and_completed(actions: &[Action<()>], member: usize, id: RequestId) {
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::MemberDropped { member: m } if *m == member)),
+            "member {member} dropped: {actions:?}"
+        );
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Complete { id: i, result: Ok(()) } if *i == id)),
+            "request {id} completed: {actions:?}"
         );
     }
 
@@ -2242,16 +2246,7 @@ mod tests {
         assert_eq!(primary.poll_timeout(), Some(600));
         primary.handle_timeout(600);
         let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
-        assert!(actions
-            .iter()
-            .any(|a| matches!(a, Action::MemberDropped { member: 1 })));
-        assert!(actions.iter().any(|a| matches!(
-            a,
-            Action::Complete {
-                id: 1,
-                result: Ok(())
-            }
-        )));
+        assert_dropped_and_completed(&actions, 1, 1);
     }
 
     #[test]
