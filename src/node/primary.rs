@@ -726,7 +726,6 @@ impl Engine {
                     let limit_ms = self.core.borrow().limits().ack_timeout_ms;
                     tracing::warn!(
                         secondary = self.members[member].node_id,
-                        %owed,
                         "secondary owed {owed} for ack_timeout_ms ({limit_ms} ms) without progress: closing its connection; writes wait for it up to member_timeout_ms more"
                     );
                     if let Some(stream) = self.members[member].stream.borrow_mut().take() {
