@@ -187,8 +187,9 @@ pub struct DevicePlan {
 }
 
 /// Decides, before the engine starts, whether to add a device or recover
-/// the one a previous primary of this volume left behind; refuses a device
-/// another process serves.
+/// the one a previous primary of this volume left behind (removing it
+/// first if it was left added but never served); refuses a device another
+/// process serves.
 pub fn plan(config: &Config) -> Result<DevicePlan, NodeError> {
     // Refused before anything starts, rather than after the engine has
     // connected to every secondary.
