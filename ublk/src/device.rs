@@ -118,9 +118,7 @@ pub fn device_state(device_id: u32) -> Result<Option<DeviceState>, UblkDeviceErr
     if !Path::new(&format!("/dev/ublkc{device_id}")).exists() {
         return Ok(None);
     }
-    let ctrl = UblkCtrl::new_simple(device_id as i32)
-        .map_err(|error| UblkDeviceError::driver(format!("opening device {device_id}"), error))?;
-    let state = ctrl.dev_info().state;
+    let state = control(device_id)?.dev_info().state;
     Ok(Some(match u32::from(state) {
         sys::UBLK_S_DEV_DEAD => DeviceState::Dead,
         sys::UBLK_S_DEV_LIVE => DeviceState::Live,
@@ -128,6 +126,12 @@ pub fn device_state(device_id: u32) -> Result<Option<DeviceState>, UblkDeviceErr
         sys::UBLK_S_DEV_FAIL_IO => DeviceState::FailIo,
         _ => DeviceState::Other(state),
     }))
+}
+
+/// The control handle of an existing device.
+fn control(device_id: u32) -> Result<UblkCtrl, UblkDeviceError> {
+    UblkCtrl::new_simple(device_id as i32)
+        .map_err(|error| UblkDeviceError::driver(format!("opening device {device_id}"), error))
 }
 
 /// The capacity device `device_id` was created with.
@@ -145,18 +149,16 @@ fn device_size_bytes(ctrl: &UblkCtrl) -> Result<u64, UblkDeviceError> {
 /// Stops device `device_id` from another thread: its queues wind down and
 /// [`run`] returns. Requests in flight complete first.
 pub fn stop_device(device_id: u32) -> Result<(), UblkDeviceError> {
-    let ctrl = UblkCtrl::new_simple(device_id as i32)
-        .map_err(|error| UblkDeviceError::driver(format!("opening device {device_id}"), error))?;
-    ctrl.kill_dev()
+    control(device_id)?
+        .kill_dev()
         .map_err(|error| UblkDeviceError::driver(format!("stopping device {device_id}"), error))?;
     Ok(())
 }
 
 /// Removes device `device_id` (stopped, or left by a dead server).
 pub fn remove_device(device_id: u32) -> Result<(), UblkDeviceError> {
-    let ctrl = UblkCtrl::new_simple(device_id as i32)
-        .map_err(|error| UblkDeviceError::driver(format!("opening device {device_id}"), error))?;
-    ctrl.del_dev()
+    control(device_id)?
+        .del_dev()
         .map_err(|error| UblkDeviceError::driver(format!("removing device {device_id}"), error))?;
     Ok(())
 }
@@ -183,9 +185,7 @@ pub fn run<T: Target>(
     }
     let dev_flags = if config.recover {
         let device_id = config.device_id.expect("validated");
-        let ctrl = UblkCtrl::new_simple(device_id as i32).map_err(|error| {
-            UblkDeviceError::driver(format!("opening device {device_id} to recover it"), error)
-        })?;
+        let ctrl = control(device_id)?;
         let size_bytes = device_size_bytes(&ctrl)?;
         if size_bytes != config.size_bytes {
             return Err(UblkDeviceError::Config {
