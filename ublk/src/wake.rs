@@ -88,7 +88,13 @@ impl Notifier {
             )
             .await;
             tracing::trace!(?result, "ublk: wake-up poll fired");
-            if result.is_err() {
+            if let Err(error) = result {
+                // Without the poll, completions from other threads reach
+                // this queue only when something else wakes it (its idle
+                // timeout at worst): say so rather than stall quietly.
+                if !stopping() {
+                    tracing::error!(%error, "ublk: the queue's wake-up poll failed; completions will be late");
+                }
                 break;
             }
             self.drain();
