@@ -21,11 +21,8 @@ primary_pid=""
 cleanup() {
     set +e
     mountpoint -q "$mnt" && umount "$mnt"
-    if [ -n "$primary_pid" ]; then
-        kill -TERM "$primary_pid" 2>/dev/null
-        wait "$primary_pid" 2>/dev/null
-    fi
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+    [ -n "$primary_pid" ] && stop_process TERM "$primary_pid" 60
+    for pid in "${pids[@]}"; do stop_process TERM "$pid" 30; done
 }
 trap cleanup EXIT
 die() {
@@ -92,8 +89,7 @@ e2fsck -fn "$work/node3.data" >/dev/null 2>&1 || die "e2fsck finds node 3's copy
 echo "node 3's copy is a clean ext4 filesystem (e2fsck -fn)"
 
 echo "== stopping the primary (SIGTERM removes $device)"
-kill -TERM "$primary_pid"
-wait "$primary_pid" || die "the primary failed to stop cleanly"
+stop_process TERM "$primary_pid" 60 || die "the primary failed to stop cleanly (status $?)"
 primary_pid=""
 [ ! -e "$device" ] || die "$device is still there"
 echo "$device removed"

@@ -25,6 +25,31 @@ wait_for() {
     done
 }
 
+# True once process $1 has exited (gone, or a zombie not yet reaped).
+exited() {
+    local state
+    state=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+    [ -z "$state" ] || [ "$state" = Z ]
+}
+
+# Sends signal $1 to child process $2 and reaps it within $3 seconds.
+# Returns its exit status, or 124 if it is still there, after printing
+# where its threads are stuck in the kernel.
+stop_process() {
+    local signal=$1 pid=$2 seconds=$3 status=0 task
+    kill -"$signal" "$pid" 2>/dev/null || true
+    if ! wait_for "$seconds" exited "$pid"; then
+        echo "process $pid still there $seconds s after SIG$signal; its threads in the kernel:" >&2
+        for task in /proc/"$pid"/task/*; do
+            echo "-- $task ($(cat "$task/comm" 2>/dev/null))" >&2
+            cat "$task/stack" >&2 2>/dev/null
+        done
+        return 124
+    fi
+    wait "$pid" 2>/dev/null || status=$?
+    return "$status"
+}
+
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }

@@ -44,8 +44,8 @@ fail() {
 cleanup() {
     set +e
     mountpoint -q "$mnt" && umount -l "$mnt"
-    [ -n "$primary_pid" ] && kill -TERM "$primary_pid" 2>/dev/null && wait "$primary_pid" 2>/dev/null
-    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+    [ -n "$primary_pid" ] && stop_process TERM "$primary_pid" 60
+    for pid in "${pids[@]}"; do stop_process KILL "$pid" 30; done
 }
 trap cleanup EXIT
 
@@ -74,6 +74,19 @@ start_primary() {
     wait_for 180 grep -q "ublk device: " "$log" || fail "the primary did not create its device"
     device=$(sed -n 's/^ublk device: //p' "$log" | tail -n 1)
     [ -b "$device" ] || fail "$device is not a block device"
+    # See suppress_partition_scan in ublk/src/queue.rs: a scan is what a
+    # kill during the device's start must not find in progress.
+    local partscan
+    partscan=/sys/block/$(basename "$device")/partscan
+    [ ! -e "$partscan" ] || [ "$(cat "$partscan")" = 0 ] \
+        || fail "the kernel scans $device for partitions"
+}
+
+# Kills the primary with SIGKILL and reaps it; fails if it does not go.
+kill_primary() {
+    local status=0
+    stop_process KILL "$primary_pid" 60 || status=$?
+    [ "$status" -ne 124 ] || fail "the primary did not exit within 60 s of SIGKILL"
 }
 
 # Every copy byte-identical, and a secondary's copy a clean ext4.
@@ -97,21 +110,32 @@ run_verify() {
 }
 
 say "phase 0: kill -9 of the primary while it creates its device"
-starts=$((starts + 1))
-RUST_LOG="${RUST_LOG:-info}" "$bin/replblkd" primary --config "$config" --node 1 \
-    >"$work/node1.$starts.out" 2>&1 &
-primary_pid=$!
-# libublk logs the device's creation before it starts it.
-wait_for 180 grep -q "flags .* created" "$work/node1.$starts.out" \
-    || fail "the primary did not create its device"
-kill -KILL "$primary_pid"
-wait "$primary_pid" 2>/dev/null || true
-if grep -q "^ublk device: " "$work/node1.$starts.out"; then
-    left="quiesced (killed after the start)"
-else
-    left="added, not started"
-fi
+# Starts the primary and kills it as soon as it has created its device;
+# sets $left to the state the device was left in.
+kill_while_creating() {
+    starts=$((starts + 1))
+    RUST_LOG="${RUST_LOG:-info}" "$bin/replblkd" primary --config "$config" --node 1 \
+        >"$work/node1.$starts.out" 2>&1 &
+    primary_pid=$!
+    # libublk logs the device's creation before it starts it.
+    wait_for 180 grep -q "flags .* created" "$work/node1.$starts.out" \
+        || fail "the primary did not create its device"
+    kill_primary
+    if grep -q "^ublk device: " "$work/node1.$starts.out"; then
+        left="quiesced (killed after the start)"
+    else
+        left="added, not started"
+    fi
+}
+kill_while_creating
 say "primary killed; its device left $left"
+"$bin/replblk-ctl" remove-device --config "$config" > "$work/remove.out" 2>&1 \
+    || { cat "$work/remove.out"; fail "replblk-ctl remove-device"; }
+grep -q "^removed /dev/ublkb" "$work/remove.out" || { cat "$work/remove.out"; fail "remove-device removed nothing"; }
+[ -z "$(ls /sys/block | grep ublkb)" ] || fail "a ublk disk is still there after remove-device"
+say "replblk-ctl remove-device removed the device left behind"
+kill_while_creating
+say "primary killed again; its device left $left"
 start_primary
 grep -qE "removing /dev/ublkb[0-9]+, left added|recovering the device" "$work/node1.$starts.out" \
     || fail "the restarted primary did not take over the device left behind"
@@ -119,6 +143,10 @@ say "the restarted primary took over the device it left behind"
 
 say "phase 1: filesystem, tree copy, fio verify"
 say "primary serves $device"
+if "$bin/replblk-ctl" remove-device --config "$config" > "$work/remove.out" 2>&1; then
+    fail "replblk-ctl remove-device removed the device a running primary serves"
+fi
+grep -q "served by a running primary" "$work/remove.out" || { cat "$work/remove.out"; fail "remove-device's refusal"; }
 mkfs.ext4 -q -F "$device" || fail "mkfs.ext4 $device"
 mount "$device" "$mnt" || fail "mount $device"
 started=$SECONDS
@@ -161,9 +189,8 @@ until writes_in_flight; do
     kill -0 "$fio_pid" 2>/dev/null || fail "fio ended before the kill; raise E2E_FIO_SIZE"
     sleep 0.05
 done
-kill -KILL "$primary_pid"
 inflight=$writes
-wait "$primary_pid" 2>/dev/null || true
+kill_primary
 say "primary killed with $inflight writes in flight on $device"
 sleep 1
 [ -b "$device" ] || fail "$device disappeared with its server"
@@ -183,9 +210,7 @@ umount "$mnt"
 check_copies "after the restart"
 
 say "phase 3: SIGTERM stops the primary and removes the device"
-kill -TERM "$primary_pid"
-wait_for 60 bash -c "! kill -0 $primary_pid 2>/dev/null" || fail "the primary did not stop on SIGTERM"
-wait "$primary_pid" || fail "the primary exited with an error on SIGTERM"
+stop_process TERM "$primary_pid" 60 || fail "the primary did not stop cleanly on SIGTERM (status $?)"
 primary_pid=""
 [ ! -e "$device" ] || fail "$device still exists after a clean stop"
 say "PASSED"

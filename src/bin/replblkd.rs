@@ -15,7 +15,8 @@ use nix::sys::signal::{SigSet, Signal};
 use std::sync::Arc;
 
 use replblk::config::Config;
-use replblk::node::{block_device, secondary, volume::Volume};
+use replblk::node::{block_device, secondary, volume::Volume, NodeError};
+use replblk_ublk::UblkDeviceError;
 
 #[derive(Parser)]
 #[command(version, about = "Runs one node of a replblk volume")]
@@ -85,9 +86,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let plan = if args.no_device {
                 None
             } else {
-                Some(block_device::plan(&config).context(
-                    "the primary serves its volume as /dev/ublkbN; --no-device runs the engine alone",
-                )?)
+                Some(block_device::plan(&config).map_err(|error| match error {
+                    NodeError::RecoveryCutShort { .. } => stuck_device(error, &args.config),
+                    error => anyhow::Error::new(error).context(
+                        "the primary serves its volume as /dev/ublkbN; --no-device runs the engine alone",
+                    ),
+                })?)
             };
             let volume = Arc::new(
                 Volume::start(&config, args.node)
@@ -101,6 +105,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(plan) => {
                     block_device::serve(&config, args.node, plan, volume.clone(), |timeout| {
                         stop_signal(&signals, timeout)
+                    })
+                    .map_err(|error| match error {
+                        NodeError::Device(UblkDeviceError::Unrecoverable { .. }) => {
+                            stuck_device(error, &args.config)
+                        }
+                        error => error.into(),
                     })?
                 }
             }
@@ -109,6 +119,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             volume.stop().context("stopping the primary")
         }
     }
+}
+
+/// A device that only removing frees, with the command that removes it.
+fn stuck_device(error: NodeError, config: &std::path::Path) -> anyhow::Error {
+    anyhow::Error::new(error).context(format!(
+        "the volume's device is stuck (`replblk-ctl remove-device --config {}` removes it)",
+        config.display()
+    ))
 }
 
 /// Waits up to `timeout` for SIGTERM or SIGINT (blocked in every thread).

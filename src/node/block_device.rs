@@ -196,22 +196,9 @@ pub fn plan(config: &Config) -> Result<DevicePlan, NodeError> {
     if !replblk_ublk::driver_present() {
         return Err(replblk_ublk::UblkDeviceError::NoDriver.into());
     }
-    let record = device_id_path(config);
-    let recorded = match std::fs::read_to_string(&record) {
-        Ok(text) => Some(
-            text.trim()
-                .parse::<u32>()
-                .map_err(|_| NodeError::Mismatch {
-                    path: record.clone(),
-                    field: "device id".into(),
-                    reason: format!("{:?} is not a device id", text.trim()),
-                })?,
-        ),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
-        Err(source) => return Err(NodeError::io(&record, "reading the device id", source)),
-    };
+    let recorded = read_device_record(&device_id_path(config))?;
     let configured = config.device.device_id;
-    let state = match configured.or(recorded) {
+    let state = match configured.or(recorded.map(|record| record.device_id)) {
         Some(device_id) => replblk_ublk::device_state(device_id)?,
         None => None,
     };
@@ -232,16 +219,112 @@ pub fn plan(config: &Config) -> Result<DevicePlan, NodeError> {
     Ok(plan)
 }
 
+/// What `/run/replblk/<uuid>.device` says: the id of the device the last
+/// primary of this volume added or recovered, and whether that recovery
+/// was under way. Written as `<id> serving` or `<id> recovering`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DeviceRecord {
+    device_id: u32,
+    /// Written before a recovery starts, cleared once the device is served
+    /// again: still set, it says the primary died mid-recovery.
+    recovering: bool,
+}
+
+impl DeviceRecord {
+    fn parse(text: &str) -> Option<DeviceRecord> {
+        let mut words = text.split_whitespace();
+        let device_id = words.next()?.parse().ok()?;
+        let recovering = match words.next() {
+            Some("serving") => false,
+            Some("recovering") => true,
+            _ => return None,
+        };
+        words.next().is_none().then_some(DeviceRecord {
+            device_id,
+            recovering,
+        })
+    }
+
+    fn text(self) -> String {
+        let phase = if self.recovering {
+            "recovering"
+        } else {
+            "serving"
+        };
+        format!("{} {phase}\n", self.device_id)
+    }
+}
+
+fn read_device_record(record: &Path) -> Result<Option<DeviceRecord>, NodeError> {
+    match std::fs::read_to_string(record) {
+        Ok(text) => DeviceRecord::parse(&text)
+            .map(Some)
+            .ok_or_else(|| NodeError::Mismatch {
+                path: record.to_path_buf(),
+                field: "device record".into(),
+                reason: format!(
+                    "{:?} is not \"<device id> serving|recovering\"",
+                    text.trim()
+                ),
+            }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(NodeError::io(record, "reading the device record", source)),
+    }
+}
+
+fn write_device_record(record: &Path, device: DeviceRecord) -> Result<(), NodeError> {
+    if let Some(directory) = record.parent() {
+        std::fs::create_dir_all(directory)
+            .map_err(|source| NodeError::io(directory, "creating the run directory", source))?;
+    }
+    // Renamed into place: a primary killed mid-write leaves the old record
+    // or the new one, never half of one.
+    let partial = record.with_extension("device.partial");
+    std::fs::write(&partial, device.text())
+        .map_err(|source| NodeError::io(&partial, "writing the device record", source))?;
+    std::fs::rename(&partial, record)
+        .map_err(|source| NodeError::io(record, "writing the device record", source))
+}
+
+/// Removes the device this volume's primary left behind (the configured
+/// or the recorded one), unless a primary serves it; forgets the record.
+/// Programs still waiting on the device get I/O errors. Returns the id of
+/// the device removed, `None` if there was none.
+pub fn remove(config: &Config) -> Result<Option<u32>, NodeError> {
+    use replblk_ublk::DeviceState;
+    if !replblk_ublk::driver_present() {
+        return Err(replblk_ublk::UblkDeviceError::NoDriver.into());
+    }
+    let recorded = read_device_record(&device_id_path(config))?;
+    let Some(device_id) = config
+        .device
+        .device_id
+        .or(recorded.map(|record| record.device_id))
+    else {
+        return Ok(None);
+    };
+    let removed = match replblk_ublk::device_state(device_id)? {
+        None => None,
+        Some(DeviceState::Live) => return Err(NodeError::DeviceServed { device_id }),
+        Some(_) => {
+            replblk_ublk::remove_device(device_id)?;
+            Some(device_id)
+        }
+    };
+    forget_device_id(&device_id_path(config))?;
+    Ok(removed)
+}
+
 /// The decision of [`plan`], without I/O: from the configured and the
 /// recorded device id and the state of the device they name, what to do,
 /// and which device (left dead) to remove first.
 fn decide(
     configured: Option<u32>,
-    recorded: Option<u32>,
+    recorded: Option<DeviceRecord>,
     state: Option<replblk_ublk::DeviceState>,
 ) -> Result<(DevicePlan, Option<u32>), NodeError> {
     use replblk_ublk::DeviceState;
-    let Some(device_id) = configured.or(recorded) else {
+    let Some(device_id) = configured.or(recorded.map(|record| record.device_id)) else {
         return Ok((
             DevicePlan {
                 device_id: None,
@@ -259,6 +342,19 @@ fn decide(
             },
             None,
         )),
+        // Linux 6.12's driver, asked to recover a device whose previous
+        // recovery died after some of its queues were ready, releases a
+        // queue server it never took and crashes (seen in the test VM);
+        // one whose recovery died before any queue was ready it refuses.
+        Some(DeviceState::Quiesced)
+            if recorded
+                == Some(DeviceRecord {
+                    device_id,
+                    recovering: true,
+                }) =>
+        {
+            Err(NodeError::RecoveryCutShort { device_id })
+        }
         Some(DeviceState::Quiesced) => Ok((
             DevicePlan {
                 device_id: Some(device_id),
@@ -308,22 +404,35 @@ pub fn serve(
         recover: plan.recover,
     };
     let record = device_id_path(config);
-    let added_record = record.clone();
-    // Recorded as soon as the driver has the device, before it starts, so
-    // that a restart after a crash at any point finds it (see `plan`).
-    let added = move |device_id| {
-        if let Err(error) = record_device_id(&added_record, device_id) {
+    // The record changes as the driver's state does: the device added
+    // (serving: a restart recovers it), a recovery accepted but its queues
+    // not all ready (recovering: a restart must not try again, see
+    // `decide`), the recovered device served (serving).
+    let note = move |record: &Path, device_id, recovering| {
+        if let Err(error) = write_device_record(
+            record,
+            DeviceRecord {
+                device_id,
+                recovering,
+            },
+        ) {
             tracing::error!(
                 %error,
-                "the device id is not recorded: should this primary die, a restart will not find /dev/ublkb{device_id} to recover unless device.device_id names it"
+                "the device is not recorded: should this primary die, a restart will not find /dev/ublkb{device_id} to recover unless device.device_id names it"
             );
         }
     };
+    let added_record = record.clone();
+    let added = move |device_id| note(&added_record, device_id, plan.recover);
+    let started_record = record.clone();
     let (started_sender, started) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("replblk-ublk".into())
         .spawn(move || {
             replblk_ublk::run(&device, target, added, move |device_id| {
+                if plan.recover {
+                    note(&started_record, device_id, false);
+                }
                 let _ = started_sender.send(device_id);
             })
         })
@@ -358,22 +467,17 @@ pub fn serve(
         reason: "the device thread panicked".into(),
     })?;
     result?;
-    match std::fs::remove_file(&record) {
-        Ok(()) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(NodeError::io(&record, "removing the device id", source)),
-    }
+    forget_device_id(&record)?;
     tracing::info!("device removed");
     Ok(())
 }
 
-fn record_device_id(record: &Path, device_id: u32) -> Result<(), NodeError> {
-    if let Some(directory) = record.parent() {
-        std::fs::create_dir_all(directory)
-            .map_err(|source| NodeError::io(directory, "creating the run directory", source))?;
+fn forget_device_id(record: &Path) -> Result<(), NodeError> {
+    match std::fs::remove_file(record) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(NodeError::io(record, "removing the device id", source)),
     }
-    std::fs::write(record, format!("{device_id}\n"))
-        .map_err(|source| NodeError::io(record, "recording the device id", source))
 }
 
 #[cfg(test)]
@@ -384,6 +488,20 @@ mod tests {
 
     fn plan_of(device_id: Option<u32>, recover: bool) -> DevicePlan {
         DevicePlan { device_id, recover }
+    }
+
+    fn serving(device_id: u32) -> Option<DeviceRecord> {
+        Some(DeviceRecord {
+            device_id,
+            recovering: false,
+        })
+    }
+
+    fn recovering(device_id: u32) -> Option<DeviceRecord> {
+        Some(DeviceRecord {
+            device_id,
+            recovering: true,
+        })
     }
 
     #[test]
@@ -397,7 +515,7 @@ mod tests {
     #[test]
     fn a_device_left_quiesced_by_a_dead_primary_is_recovered() {
         assert_eq!(
-            decide(None, Some(3), Some(DeviceState::Quiesced)).unwrap(),
+            decide(None, serving(3), Some(DeviceState::Quiesced)).unwrap(),
             (plan_of(Some(3), true), None)
         );
         assert_eq!(
@@ -409,7 +527,7 @@ mod tests {
     #[test]
     fn a_device_left_added_but_not_served_is_removed_and_added_again() {
         assert_eq!(
-            decide(None, Some(3), Some(DeviceState::Dead)).unwrap(),
+            decide(None, serving(3), Some(DeviceState::Dead)).unwrap(),
             (plan_of(Some(3), false), Some(3))
         );
     }
@@ -417,11 +535,11 @@ mod tests {
     #[test]
     fn a_recorded_device_that_is_gone_is_not_reused_unless_configured() {
         assert_eq!(
-            decide(None, Some(3), None).unwrap(),
+            decide(None, serving(3), None).unwrap(),
             (plan_of(None, false), None)
         );
         assert_eq!(
-            decide(Some(3), Some(3), None).unwrap(),
+            decide(Some(3), serving(3), None).unwrap(),
             (plan_of(Some(3), false), None)
         );
     }
@@ -434,9 +552,61 @@ mod tests {
             DeviceState::Other(9),
         ] {
             assert!(matches!(
-                decide(None, Some(3), Some(state)),
+                decide(None, serving(3), Some(state)),
                 Err(NodeError::DeviceBusy { device_id: 3, .. })
             ));
         }
+    }
+
+    #[test]
+    fn a_device_whose_recovery_was_cut_short_is_refused_not_recovered() {
+        assert!(matches!(
+            decide(None, recovering(3), Some(DeviceState::Quiesced)),
+            Err(NodeError::RecoveryCutShort { device_id: 3 })
+        ));
+        // The marker belongs to the recorded device only.
+        assert_eq!(
+            decide(Some(5), recovering(3), Some(DeviceState::Quiesced)).unwrap(),
+            (plan_of(Some(5), true), None)
+        );
+        // Gone or left dead, there is nothing to recover.
+        assert_eq!(
+            decide(None, recovering(3), Some(DeviceState::Dead)).unwrap(),
+            (plan_of(Some(3), false), Some(3))
+        );
+    }
+
+    #[test]
+    fn the_device_record_round_trips_and_refuses_other_text() {
+        for record in [serving(7), recovering(7)] {
+            let record = record.unwrap();
+            assert_eq!(DeviceRecord::parse(&record.text()), Some(record));
+        }
+        for text in [
+            "",
+            "7",
+            "7 live",
+            "seven serving",
+            "7 serving extra",
+            "-1 serving",
+        ] {
+            assert_eq!(DeviceRecord::parse(text), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn the_device_record_is_written_whole_and_read_back() {
+        let directory = tempfile::tempdir().unwrap();
+        let record = directory.path().join("run").join("volume.device");
+        assert_eq!(read_device_record(&record).unwrap(), None);
+        write_device_record(&record, recovering(4).unwrap()).unwrap();
+        assert_eq!(read_device_record(&record).unwrap(), recovering(4));
+        write_device_record(&record, serving(4).unwrap()).unwrap();
+        assert_eq!(read_device_record(&record).unwrap(), serving(4));
+        std::fs::write(&record, "4\n").unwrap();
+        assert!(matches!(
+            read_device_record(&record),
+            Err(NodeError::Mismatch { .. })
+        ));
     }
 }

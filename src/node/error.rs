@@ -76,6 +76,24 @@ pub enum NodeError {
         /// Its state, as the driver reports it.
         state: String,
     },
+    /// The device was left by a primary that died while recovering it.
+    #[error(
+        "/dev/ublkb{device_id} was left by a primary that died while recovering it: this kernel's ublk \
+         driver cannot be trusted to recover it again (Linux 6.12 crashes on it), so it is not tried; \
+         remove the device (programs still waiting on it get I/O errors) and start the primary again"
+    )]
+    RecoveryCutShort {
+        /// The device.
+        device_id: u32,
+    },
+    /// The device is served: only its server may remove it.
+    #[error(
+        "/dev/ublkb{device_id} is served by a running primary: stop that primary (SIGTERM) instead"
+    )]
+    DeviceServed {
+        /// The device.
+        device_id: u32,
+    },
     /// An I/O error after which the node stopped rather than guess.
     #[error("stopped after a fatal error: {reason}")]
     Fatal {

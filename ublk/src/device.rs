@@ -167,8 +167,9 @@ pub fn remove_device(device_id: u32) -> Result<(), UblkDeviceError> {
 /// serves it with `target` until it is stopped ([`stop_device`]); then
 /// removes it. `added` is called with the device id as soon as the driver
 /// has the device (before it is started: a caller that records the id
-/// there finds the device again should it die while starting it), and
-/// `started` once `/dev/ublkbN` takes requests.
+/// there finds the device again should it die while starting it; for a
+/// recovery, once the driver has accepted it and before any queue is
+/// ready), and `started` once `/dev/ublkbN` takes requests.
 ///
 /// The device is created with `UBLK_F_USER_RECOVERY_REISSUE`: should this
 /// process die, the device stays, requests wait, and the ones this process
@@ -196,12 +197,24 @@ pub fn run<T: Target>(
                 ),
             });
         }
-        ctrl.start_user_recover().map_err(|error| {
-            UblkDeviceError::driver(
-                format!("starting the recovery of device {device_id}"),
-                error,
-            )
-        })?;
+        let action = || format!("starting the recovery of device {device_id}");
+        match ctrl.start_user_recover() {
+            Ok(code) if code >= 0 => {}
+            // libublk retries while the dead server's files close, for up
+            // to 30 s, and then hands the EBUSY back.
+            Ok(code) => {
+                return Err(UblkDeviceError::driver(
+                    action(),
+                    libublk::UblkError::OtherError(code),
+                ))
+            }
+            // 6.12 refuses when no queue of the device is ready, which is
+            // how a recovery cut short by the server's death leaves it.
+            Err(libublk::UblkError::UringIOError(code)) if code == -libc::EINVAL => {
+                return Err(UblkDeviceError::Unrecoverable { device_id })
+            }
+            Err(error) => return Err(UblkDeviceError::driver(action(), error)),
+        }
         UblkFlags::UBLK_DEV_F_RECOVER_DEV
     } else {
         UblkFlags::UBLK_DEV_F_ADD_DEV

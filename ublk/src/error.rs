@@ -12,6 +12,19 @@ pub enum UblkDeviceError {
         action: String,
         /// The driver's or libublk's answer.
         reason: String,
+        /// The driver's errno, when it gave one.
+        errno: Option<i32>,
+    },
+    /// The device was left by a server that died while recovering it; the
+    /// kernel (6.12 at least) refuses to recover it again.
+    #[error(
+        "ublk: device {device_id} cannot be recovered: its previous server died while recovering it, \
+         and the kernel refuses a second recovery; remove the device (programs still waiting on it get \
+         I/O errors) and start again"
+    )]
+    Unrecoverable {
+        /// The stuck device.
+        device_id: u32,
     },
     /// The device parameters are unusable.
     #[error("ublk: invalid {field}: {reason}")]
@@ -27,10 +40,31 @@ pub enum UblkDeviceError {
 }
 
 impl UblkDeviceError {
-    pub(crate) fn driver(action: impl Into<String>, error: impl std::fmt::Display) -> Self {
+    pub(crate) fn driver(action: impl Into<String>, error: libublk::UblkError) -> Self {
+        let errno = match error {
+            libublk::UblkError::UringIOError(code) | libublk::UblkError::OtherError(code)
+                if code < 0 =>
+            {
+                Some(-code)
+            }
+            _ => None,
+        };
+        let reason = match errno {
+            Some(errno) => format!("{error}: {}", nix::errno::Errno::from_raw(errno)),
+            None => error.to_string(),
+        };
         UblkDeviceError::Driver {
             action: action.into(),
-            reason: error.to_string(),
+            reason,
+            errno,
+        }
+    }
+
+    /// The driver's errno, if the driver refused a command.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            UblkDeviceError::Driver { errno, .. } => *errno,
+            _ => None,
         }
     }
 }

@@ -13,9 +13,29 @@ use crate::SECTOR_SIZE_BYTES;
 /// Seconds without a request before libublk lets the queue go idle.
 const IDLE_SECS: u64 = 20;
 
+/// Keeps the kernel from scanning the new device for partitions.
+///
+/// The kernel scans a device for partitions while it starts it, holding the
+/// device's lock and waiting for the reads. If this process dies at that
+/// moment, the reads wait for a recovery that the held lock forbids: the
+/// start never returns, the dying process never exits, and the device can
+/// be neither recovered nor removed (seen on 6.12 when the primary is
+/// killed while it starts its device). The kernel skips the scan when a
+/// queue's server lacks `CAP_SYS_ADMIN` as it becomes ready, so the queue
+/// thread drops it from its own effective set (capabilities are per
+/// thread); nothing the queue thread does needs it. A replicated volume
+/// is not partitioned by the kernel anyway, as with DRBD's devices.
+fn suppress_partition_scan(queue_id: u16) {
+    use caps::{CapSet, Capability};
+    if let Err(error) = caps::drop(None, CapSet::Effective, Capability::CAP_SYS_ADMIN) {
+        tracing::warn!(queue_id, %error, "ublk: could not drop CAP_SYS_ADMIN; the kernel will scan the device for partitions");
+    }
+}
+
 /// Serves queue `queue_id` of `dev` until the device stops. Runs on the
 /// queue's thread (started by libublk's `run_target`).
 pub(crate) fn serve<T: Target>(queue_id: u16, dev: &UblkDev, target: Arc<T>) {
+    suppress_partition_scan(queue_id);
     let queue = match UblkQueue::new(queue_id, dev) {
         Ok(queue) => Rc::new(queue),
         Err(error) => {

@@ -74,6 +74,14 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         offset: u64,
     },
+    /// Remove the volume's ublk device left behind by a primary that died
+    /// (its recorded or configured device), when no primary serves it.
+    /// Programs still waiting on the device get I/O errors.
+    RemoveDevice {
+        /// The volume's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Validate the config and print it with defaults filled in.
     Check {
         /// The volume's TOML config.
@@ -119,6 +127,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             input,
             offset,
         } => write(&Config::load(&config)?, node, &input, offset),
+        Command::RemoveDevice { config } => {
+            match replblk::node::block_device::remove(&Config::load(&config)?)? {
+                Some(device_id) => println!("removed /dev/ublkb{device_id}"),
+                None => println!("no device left behind"),
+            }
+            Ok(())
+        }
         Command::Check { config } => {
             let config = Config::load(&config)?;
             println!(
