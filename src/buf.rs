@@ -12,7 +12,7 @@ use std::sync::Arc;
 /// Alignment and granularity of every O_DIRECT buffer.
 pub const PAGE_SIZE_BYTES: usize = 4096;
 
-/// A zero-initialised heap buffer whose start address is aligned to
+/// A heap buffer, every byte initialised, whose start address is aligned to
 /// [`PAGE_SIZE_BYTES`].
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
@@ -46,9 +46,36 @@ impl AlignedBuf {
 
     /// Allocates a buffer holding a copy of `bytes`.
     pub fn copy_from(bytes: &[u8]) -> AlignedBuf {
-        let mut buf = AlignedBuf::zeroed(bytes.len());
-        buf.as_mut_slice().copy_from_slice(bytes);
-        buf
+        AlignedBuf::zeroed_around(bytes.len(), 0, bytes)
+    }
+
+    /// Allocates `len` bytes holding a copy of `bytes` at `offset` and
+    /// zeroes elsewhere, writing each byte once: zeroing the whole buffer
+    /// first would write a 1 MiB log record twice.
+    pub fn zeroed_around(len: usize, offset: usize, bytes: &[u8]) -> AlignedBuf {
+        let end = offset
+            .checked_add(bytes.len())
+            .filter(|&end| end <= len)
+            .expect("the bytes fit in the buffer");
+        if len == 0 {
+            return AlignedBuf::zeroed(0);
+        }
+        let layout = Self::layout(len);
+        // SAFETY: layout has a non-zero size (len > 0) and a valid alignment.
+        let raw = unsafe { alloc::alloc(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout);
+        };
+        // SAFETY: the allocation is `len` bytes long and ours alone; the
+        // three ranges 0..offset, offset..end and end..len lie within it and
+        // together initialise every byte before any reference to them is
+        // made; `bytes` cannot overlap an allocation this fresh.
+        unsafe {
+            std::ptr::write_bytes(raw, 0, offset);
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), raw.add(offset), bytes.len());
+            std::ptr::write_bytes(raw.add(end), 0, len - end);
+        }
+        AlignedBuf { ptr, len }
     }
 
     fn layout(len: usize) -> Layout {
@@ -232,6 +259,32 @@ mod tests {
     fn copy_from_keeps_the_bytes() {
         let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
         assert_eq!(AlignedBuf::copy_from(&data).as_slice(), &data[..]);
+    }
+
+    #[test]
+    fn zeroed_around_puts_the_bytes_at_their_offset_and_zeroes_the_rest() {
+        let data: Vec<u8> = (1..=100u8).collect();
+        for (len, offset, bytes) in [
+            (8192, 64, &data[..]),
+            (100, 0, &data[..]),
+            (164, 64, &data[..]),
+            (4096, 4096, &data[..0]),
+            (0, 0, &data[..0]),
+        ] {
+            let buf = AlignedBuf::zeroed_around(len, offset, bytes);
+            let slice = buf.as_slice();
+            assert_eq!(slice.len(), len);
+            assert!(len == 0 || (slice.as_ptr() as usize).is_multiple_of(PAGE_SIZE_BYTES));
+            assert!(slice[..offset].iter().all(|&b| b == 0));
+            assert_eq!(&slice[offset..offset + bytes.len()], bytes);
+            assert!(slice[offset + bytes.len()..].iter().all(|&b| b == 0));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "the bytes fit in the buffer")]
+    fn zeroed_around_refuses_bytes_past_the_end() {
+        AlignedBuf::zeroed_around(100, 64, &[1; 37]);
     }
 
     #[test]

@@ -7,7 +7,8 @@ use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
 use crate::proto::{
-    decode_frame, frame_length, Frame, ProtoError, FRAME_BODY_MAX_BYTES, FRAME_HEADER_SIZE_BYTES,
+    decode_frame_with_data_crc, frame_length, Frame, ProtoError, FRAME_BODY_MAX_BYTES,
+    FRAME_HEADER_SIZE_BYTES,
 };
 
 /// Why a connection stopped yielding frames.
@@ -125,7 +126,13 @@ impl FrameReader {
     /// The buffered frame, once [`FrameReader::fill`] returned. Call
     /// [`FrameReader::consume`] with its length when done with it.
     pub fn frame(&self) -> Result<(Frame<'_>, usize), NetError> {
-        decode_frame(self.buffered()).map_err(|source| NetError::Proto {
+        self.frame_with_data_crc()
+            .map(|(frame, length, _)| (frame, length))
+    }
+
+    /// As [`FrameReader::frame`], with the crc32 of an Update's data alone.
+    pub fn frame_with_data_crc(&self) -> Result<(Frame<'_>, usize, Option<u32>), NetError> {
+        decode_frame_with_data_crc(self.buffered()).map_err(|source| NetError::Proto {
             peer: self.peer.clone(),
             source,
         })

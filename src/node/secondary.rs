@@ -467,12 +467,14 @@ impl Node {
                 if !self.is_current(outbox) {
                     return Err(Refusal::quiet("replaced by a newer primary connection"));
                 }
-                let (frame, length) = reader.frame().map_err(Refusal::from_net)?;
+                let (frame, length, data_crc32) =
+                    reader.frame_with_data_crc().map_err(Refusal::from_net)?;
                 let now = self.now_ms();
                 match frame {
                     Frame::Update { header, data } => {
                         updates_started = true;
-                        let record = build_record(&header, data);
+                        let data_crc32 = data_crc32.expect("an Update's data crc");
+                        let record = build_record(&header, data, data_crc32);
                         reader.consume(length);
                         self.offer(header, record, outbox).await?;
                     }
@@ -828,12 +830,13 @@ impl Node {
 }
 
 /// Builds the log record for an update: the payload copied once from the
-/// receive buffer into an aligned buffer, behind its record header.
-fn build_record(header: &UpdateHeader, data: &[u8]) -> RecordRef {
+/// receive buffer into an aligned buffer, behind its record header, whose
+/// crc reuses `data_crc32` (the frame check computed it) rather than
+/// reading the payload again.
+fn build_record(header: &UpdateHeader, data: &[u8], data_crc32: u32) -> RecordRef {
     let size = wal::record_size_bytes(header.length_bytes) as usize;
-    let mut buf = AlignedBuf::zeroed(size);
-    let (head, rest) = buf.as_mut_slice().split_at_mut(RECORD_PAYLOAD_OFFSET_BYTES);
-    rest[..data.len()].copy_from_slice(data);
+    let mut buf = AlignedBuf::zeroed_around(size, RECORD_PAYLOAD_OFFSET_BYTES, data);
+    let head = &mut buf.as_mut_slice()[..RECORD_PAYLOAD_OFFSET_BYTES];
     let record = RecordHeader {
         seq: header.seq,
         epoch: header.epoch,
@@ -845,7 +848,8 @@ fn build_record(header: &UpdateHeader, data: &[u8]) -> RecordRef {
             0
         },
     };
-    record.encode(&rest[..data.len()], head);
+    debug_assert_eq!(data_crc32, crate::proto::data_crc32(data));
+    record.encode_with_payload_crc(data_crc32, header.length_bytes, head);
     RecordRef {
         buf: Rc::new(buf),
         length_bytes: header.length_bytes,
@@ -910,5 +914,41 @@ impl Refusal {
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{data_crc32, UPDATE_FLAG_FUA};
+
+    #[test]
+    fn a_built_record_passes_the_recovery_check_with_the_frames_data_crc() {
+        for (length_bytes, flags) in [(4096u32, 0), (5000, UPDATE_FLAG_FUA), (1 << 20, 0)] {
+            let data: Vec<u8> = (0..length_bytes).map(|i| (i % 251) as u8).collect();
+            let header = UpdateHeader {
+                seq: 17,
+                epoch: 3,
+                offset_bytes: 8192,
+                length_bytes,
+                flags,
+                all_acked_seq: 0,
+            };
+            let record = build_record(&header, &data, data_crc32(&data));
+            let bytes = record.buf.as_slice();
+            assert_eq!(bytes.len() as u64, wal::record_size_bytes(length_bytes));
+            let decoded = RecordHeader::decode(bytes).unwrap();
+            let payload_end = RECORD_PAYLOAD_OFFSET_BYTES + data.len();
+            decoded
+                .verify(bytes, &bytes[RECORD_PAYLOAD_OFFSET_BYTES..payload_end])
+                .unwrap();
+            assert_eq!(&bytes[RECORD_PAYLOAD_OFFSET_BYTES..payload_end], &data[..]);
+            assert!(
+                bytes[payload_end..].iter().all(|&b| b == 0),
+                "padding is zero"
+            );
+            assert_eq!(decoded.seq, 17);
+            assert_eq!(decoded.flags != 0, flags != 0);
+        }
     }
 }

@@ -655,6 +655,17 @@ pub fn decode_body<'a>(
     header_bytes: &[u8; FRAME_HEADER_SIZE_BYTES],
     body: &'a [u8],
 ) -> Result<Frame<'a>, ProtoError> {
+    decode_checked_body(header, header_bytes, body).map(|(frame, _)| frame)
+}
+
+/// As [`decode_body`], also returning, for an Update, the crc32 of its data
+/// alone: the crc check computes it anyway, and a log record that covers
+/// the same data combines it instead of reading the data again.
+fn decode_checked_body<'a>(
+    header: &FrameHeader,
+    header_bytes: &[u8; FRAME_HEADER_SIZE_BYTES],
+    body: &'a [u8],
+) -> Result<(Frame<'a>, Option<u32>), ProtoError> {
     // The crc covers the raw bytes, so they, not the caller's struct, say
     // what the body is; refuse if the two disagree.
     let decoded = FrameHeader::decode(header_bytes)?;
@@ -674,7 +685,21 @@ pub fn decode_body<'a>(
     }
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&header_bytes[..HEADER_CRC_COVERED_BYTES]);
-    hasher.update(body);
+    let data_crc32 = match (kind, body.split_at_checked(UPDATE_FIXED_SIZE_BYTES)) {
+        (FrameKind::Update, Some((fixed, data))) => {
+            let data_crc32 = data_crc32(data);
+            hasher.update(fixed);
+            hasher.combine(&crc32fast::Hasher::new_with_initial_len(
+                data_crc32,
+                data.len() as u64,
+            ));
+            Some(data_crc32)
+        }
+        _ => {
+            hasher.update(body);
+            None
+        }
+    };
     let computed = hasher.finalize();
     if computed != header.crc32 {
         return Err(ProtoError::BadCrc {
@@ -683,7 +708,7 @@ pub fn decode_body<'a>(
             computed,
         });
     }
-    match kind {
+    let frame = match kind {
         FrameKind::Hello => decode_hello(exact(kind, header.body_len, body)?),
         FrameKind::Update => decode_update(header.body_len, body),
         FrameKind::Ack => {
@@ -734,7 +759,8 @@ pub fn decode_body<'a>(
                 next_seq: le_u64(b, LOG_READ_END_NEXT_SEQ_AT),
             })
         }
-    }
+    }?;
+    Ok((frame, data_crc32))
 }
 
 /// Decodes the first frame of `bytes` and returns it with the number of
@@ -744,9 +770,17 @@ pub fn decode_body<'a>(
 /// (oversized, wrong length for its kind, ...) is refused as soon as its 16
 /// bytes are present, and a wrong magic as soon as its 4 bytes are.
 pub fn decode_frame(bytes: &[u8]) -> Result<(Frame<'_>, usize), ProtoError> {
+    decode_frame_with_data_crc(bytes).map(|(frame, length, _)| (frame, length))
+}
+
+/// As [`decode_frame`], with the crc32 of an Update's data alone (see
+/// [`data_crc32`]); `None` for every other kind.
+pub fn decode_frame_with_data_crc(
+    bytes: &[u8],
+) -> Result<(Frame<'_>, usize, Option<u32>), ProtoError> {
     let (header, header_bytes, body) = split_frame(bytes)?;
-    let frame = decode_body(&header, header_bytes, body)?;
-    Ok((frame, header.frame_len()))
+    let (frame, data_crc32) = decode_checked_body(&header, header_bytes, body)?;
+    Ok((frame, header.frame_len(), data_crc32))
 }
 
 /// The length of the first frame of `bytes` once all of it is there, with
@@ -1140,6 +1174,31 @@ mod tests {
             assert_eq!(used, len);
             assert_eq!(decoded.kind(), frame.kind());
         }
+    }
+
+    #[test]
+    fn the_data_crc_comes_with_updates_only_and_is_the_datas_own() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
+        for frame in samples(&data) {
+            let bytes = encode(&frame);
+            let (decoded, _, data_crc) = decode_frame_with_data_crc(&bytes).unwrap();
+            match decoded {
+                Frame::Update { data, .. } => assert_eq!(data_crc, Some(crc32fast::hash(data))),
+                other => assert_eq!(data_crc, None, "{other:?}"),
+            }
+        }
+        // Data and crc that disagree are refused as before, the check now
+        // combining the data's crc into the frame's.
+        let mut bytes = encode(&Frame::Update {
+            header: update_header(&data),
+            data: &data,
+        });
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert!(matches!(
+            decode_frame_with_data_crc(&bytes),
+            Err(ProtoError::BadCrc { .. })
+        ));
     }
 
     #[test]

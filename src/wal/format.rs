@@ -556,10 +556,8 @@ impl RecordHeader {
 /// buffer ready for an O_DIRECT write. Copies the payload once.
 pub fn build_record(header: &RecordHeader, payload: &[u8]) -> AlignedBuf {
     let size = usize::try_from(header.size_bytes()).expect("record size fits in memory");
-    let mut buf = AlignedBuf::zeroed(size);
-    let bytes = buf.as_mut_slice();
-    let (head, rest) = bytes.split_at_mut(RECORD_PAYLOAD_OFFSET_BYTES);
-    rest[..payload.len()].copy_from_slice(payload);
+    let mut buf = AlignedBuf::zeroed_around(size, RECORD_PAYLOAD_OFFSET_BYTES, payload);
+    let (head, rest) = buf.as_mut_slice().split_at_mut(RECORD_PAYLOAD_OFFSET_BYTES);
     header.encode(&rest[..payload.len()], head);
     buf
 }
