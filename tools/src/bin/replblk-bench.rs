@@ -62,7 +62,7 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Highest latency the histograms hold, in µs; longer ones are clamped.
 const LATENCY_MAX_US: u64 = 60_000_000;
 /// Secondaries of the replicated targets.
-const SECONDARIES: [usize; 3] = [0, 1, 2];
+const SECONDARIES: [u8; 3] = [0, 1, 2];
 /// The default parent of the run directory, relative to the current one.
 const DEFAULT_PARENT: &str = "target/bench";
 
@@ -93,6 +93,11 @@ struct Cli {
     /// Also print the results as Markdown (for docs/BENCHMARKS.md).
     #[arg(long)]
     markdown: bool,
+    /// Volumes to measure, by number of secondaries (comma-separated, each
+    /// 0-2). The local baseline is always measured; the targets need 2.
+    #[arg(long, value_delimiter = ',', default_values_t = SECONDARIES,
+          value_parser = clap::value_parser!(u8).range(0..=2))]
+    secondaries: Vec<u8>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -838,7 +843,7 @@ fn main() -> anyhow::Result<()> {
 
     let started = Instant::now();
     let mut results = vec![bench_local(&run_dir.path, cli.seconds, interrupted)?];
-    for secondaries in SECONDARIES {
+    for &secondaries in &cli.secondaries {
         if interrupted.load(Ordering::Relaxed) {
             bail!("interrupted");
         }
@@ -846,7 +851,7 @@ fn main() -> anyhow::Result<()> {
             &run_dir.path,
             secondary_run_dir.as_ref().map(|dir| dir.path.as_path()),
             &replblkd,
-            secondaries,
+            usize::from(secondaries),
             cli.seconds,
             interrupted,
         )?);
