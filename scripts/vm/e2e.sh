@@ -2,9 +2,10 @@
 # The ublk end-to-end test, host side: boots the test guest (Debian's 6.12
 # kernel, which has ublk) and runs scripts/vm/e2e-guest.sh in it against
 # this checkout's release build: ext4 on the primary's /dev/ublkbN, a tree
-# copy and a fio verify job, kill -9 of the primary and its recovery, and
-# the replicas compared byte for byte; then the demonstration on a volume
-# of 512-byte blocks.
+# copy and a fio verify job, kill -9 of the primary and its recovery, the
+# replicas compared byte for byte, and kills at random moments of the
+# device's start and recovery; then the demonstration on a volume of
+# 512-byte blocks.
 #
 # Usage: scripts/vm/e2e.sh [--no-build] [--timeout S]
 #   --no-build   use target/release as it is (scripts/test.sh has built it)
@@ -53,6 +54,7 @@ rm -rf "$results"
 mkdir -p "$results"
 "$here/run.sh" --timeout "$timeout" --results "$results" \
     --env "E2E_TREES=${E2E_TREES:-}" --env "E2E_FIO_TIMEOUT=${E2E_FIO_TIMEOUT:-}" \
+    --env "E2E_KILL_ROUNDS=${E2E_KILL_ROUNDS:-}" --env "E2E_KILL_SEED=${E2E_KILL_SEED:-}" \
     --env "RUST_LOG=${RUST_LOG:-info}" \
     -- "$here/e2e-guest.sh" "$bin" || rc=$?
 echo "e2e.sh: guest finished with status $rc after $((SECONDS - started)) s; daemons' logs of a failed run in $results"
