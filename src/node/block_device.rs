@@ -60,6 +60,11 @@ impl VolumeTarget {
 /// tag moved on; taken back once the engine let go.
 type Pool = Rc<RefCell<Vec<Arc<AlignedBuf>>>>;
 
+/// Most buffers a queue's pool keeps that the engine has let go of: the
+/// rest are freed, so that a burst of writes the engine held on to (a slow
+/// secondary) does not pin `io_max_bytes` each for the daemon's lifetime.
+const POOL_IDLE_BUFFERS_MAX: usize = 8;
+
 thread_local! {
     static POOL: Pool = Rc::new(RefCell::new(Vec::new()));
 }
@@ -87,6 +92,12 @@ impl TagBuffer {
             None => Arc::new(AlignedBuf::zeroed(capacity)),
         };
         pool.push(std::mem::replace(&mut self.buf, fresh));
+        let mut idle = 0;
+        pool.retain(|buf| {
+            let unshared = Arc::strong_count(buf) == 1;
+            idle += usize::from(unshared);
+            !unshared || idle <= POOL_IDLE_BUFFERS_MAX
+        });
     }
 }
 
@@ -485,6 +496,45 @@ mod tests {
     use replblk_ublk::DeviceState;
 
     use super::*;
+
+    #[test]
+    fn the_pool_reuses_released_buffers_and_frees_idle_ones_past_its_cap() {
+        let pool: Pool = Rc::new(RefCell::new(Vec::new()));
+        let mut tag = TagBuffer {
+            buf: Arc::new(AlignedBuf::zeroed(4096)),
+            pool: pool.clone(),
+        };
+        // The engine holds on to 20 payloads in a row: each time the tag
+        // moves to a buffer of its own.
+        let mut held = Vec::new();
+        for _ in 0..20 {
+            held.push(tag.buf.clone());
+            tag.release_if_shared();
+            assert_eq!(Arc::strong_count(&tag.buf), 1);
+        }
+        assert_eq!(pool.borrow().len(), 20);
+        // Nothing held: no new buffer, the tag keeps its memory.
+        let before = Arc::as_ptr(&tag.buf);
+        tag.release_if_shared();
+        assert_eq!(Arc::as_ptr(&tag.buf), before);
+        // The engine lets go of them all; the next held payload takes one
+        // back from the pool, and the idle ones beyond the cap are freed.
+        let released: Vec<*const AlignedBuf> = held.iter().map(Arc::as_ptr).collect();
+        held.clear();
+        held.push(tag.buf.clone());
+        tag.release_if_shared();
+        assert!(
+            released.contains(&Arc::as_ptr(&tag.buf)),
+            "a released buffer is reused"
+        );
+        let pool = pool.borrow();
+        let idle = pool
+            .iter()
+            .filter(|buf| Arc::strong_count(buf) == 1)
+            .count();
+        assert_eq!(idle, POOL_IDLE_BUFFERS_MAX);
+        assert_eq!(pool.len(), POOL_IDLE_BUFFERS_MAX + 1, "the held one stays");
+    }
 
     fn plan_of(device_id: Option<u32>, recover: bool) -> DevicePlan {
         DevicePlan { device_id, recover }
