@@ -229,8 +229,11 @@ for _ in $(seq 1 "$rounds"); do
     log=$work/node1.$starts.out
     RUST_LOG="${RUST_LOG:-info}" "$bin/replblkd" primary --config "$config" --node 1 >"$log" 2>&1 &
     primary_pid=$!
-    wait_for 180 grep -qE "flags .* created|device is stuck" "$log" \
+    wait_for 180 grep -qE "flags .* created|^replblkd: " "$log" \
         || fail "the primary neither created its device nor refused it"
+    if grep "^replblkd: " "$log" | grep -qv "device is stuck"; then
+        fail "the primary refused to start for another reason than a cut-short recovery"
+    fi
     sleep "0.$((RANDOM % 3))$((RANDOM % 10))"
     kill_primary
     if grep -q "device is stuck" "$log"; then

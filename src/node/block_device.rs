@@ -209,11 +209,11 @@ pub fn plan(config: &Config) -> Result<DevicePlan, NodeError> {
     }
     let recorded = read_device_record(&device_id_path(config))?;
     let configured = config.device.device_id;
-    let state = match configured.or(recorded.map(|record| record.device_id)) {
-        Some(device_id) => replblk_ublk::device_state(device_id)?,
+    let info = match configured.or(recorded.map(|record| record.device_id)) {
+        Some(device_id) => replblk_ublk::device_info(device_id)?,
         None => None,
     };
-    let (plan, left_dead) = decide(configured, recorded, state)?;
+    let (plan, left_dead) = decide(configured, recorded, info)?;
     if let Some(device_id) = left_dead {
         tracing::warn!(
             device_id,
@@ -231,14 +231,18 @@ pub fn plan(config: &Config) -> Result<DevicePlan, NodeError> {
 }
 
 /// What `/run/replblk/<uuid>.device` says: the id of the device the last
-/// primary of this volume added or recovered, and whether that recovery
-/// was under way. Written as `<id> serving` or `<id> recovering`.
+/// primary of this volume added or recovered, whether that recovery was
+/// under way, and that primary's process id, which the driver reports as
+/// the device's server once the device is started or recovered. Written as
+/// `<id> serving <pid>` or `<id> recovering <pid>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct DeviceRecord {
     device_id: u32,
-    /// Written before a recovery starts, cleared once the device is served
-    /// again: still set, it says the primary died mid-recovery.
+    /// Written once the driver accepts a recovery, cleared once the device
+    /// is served again: still set, it says the primary died mid-recovery.
     recovering: bool,
+    /// The process that wrote the record.
+    pid: u32,
 }
 
 impl DeviceRecord {
@@ -250,9 +254,11 @@ impl DeviceRecord {
             Some("recovering") => true,
             _ => return None,
         };
+        let pid = words.next()?.parse().ok()?;
         words.next().is_none().then_some(DeviceRecord {
             device_id,
             recovering,
+            pid,
         })
     }
 
@@ -262,7 +268,7 @@ impl DeviceRecord {
         } else {
             "serving"
         };
-        format!("{} {phase}\n", self.device_id)
+        format!("{} {phase} {}\n", self.device_id, self.pid)
     }
 }
 
@@ -274,7 +280,7 @@ fn read_device_record(record: &Path) -> Result<Option<DeviceRecord>, NodeError> 
                 path: record.to_path_buf(),
                 field: "device record".into(),
                 reason: format!(
-                    "{:?} is not \"<device id> serving|recovering\"",
+                    "{:?} is not \"<device id> serving|recovering <pid>\"",
                     text.trim()
                 ),
             }),
@@ -332,7 +338,7 @@ pub fn remove(config: &Config) -> Result<Option<u32>, NodeError> {
 fn decide(
     configured: Option<u32>,
     recorded: Option<DeviceRecord>,
-    state: Option<replblk_ublk::DeviceState>,
+    info: Option<replblk_ublk::DeviceInfo>,
 ) -> Result<(DevicePlan, Option<u32>), NodeError> {
     use replblk_ublk::DeviceState;
     let Some(device_id) = configured.or(recorded.map(|record| record.device_id)) else {
@@ -344,7 +350,9 @@ fn decide(
             None,
         ));
     };
-    match state {
+    // The record speaks for the device it names only.
+    let recorded = recorded.filter(|record| record.device_id == device_id);
+    match info.map(|info| info.state) {
         // Recorded but gone (removed by hand): start afresh.
         None => Ok((
             DevicePlan {
@@ -357,14 +365,22 @@ fn decide(
         // recovery died after some of its queues were ready, releases a
         // queue server it never took and crashes (seen in the test VM);
         // one whose recovery died before any queue was ready it refuses.
-        Some(DeviceState::Quiesced)
-            if recorded
-                == Some(DeviceRecord {
-                    device_id,
-                    recovering: true,
-                }) =>
-        {
+        Some(DeviceState::Quiesced) if recorded.is_some_and(|record| record.recovering) => {
             Err(NodeError::RecoveryCutShort { device_id })
+        }
+        // Served last by another process than the recorded primary: the
+        // id was reused by another program after this volume's device was
+        // removed (the size check alone might not tell).
+        Some(DeviceState::Quiesced)
+            if recorded.is_some_and(|record| {
+                info.is_some_and(|info| i64::from(info.server_pid) != i64::from(record.pid))
+            }) =>
+        {
+            Err(NodeError::NotOurDevice {
+                device_id,
+                server_pid: info.map_or(0, |info| info.server_pid),
+                recorded_pid: recorded.map_or(0, |record| record.pid),
+            })
         }
         Some(DeviceState::Quiesced) => Ok((
             DevicePlan {
@@ -425,6 +441,7 @@ pub fn serve(
             DeviceRecord {
                 device_id,
                 recovering,
+                pid: std::process::id(),
             },
         ) {
             tracing::error!(
@@ -540,10 +557,14 @@ mod tests {
         DevicePlan { device_id, recover }
     }
 
+    /// The pid the tests' records and devices name as the server.
+    const SERVER_PID: u32 = 4242;
+
     fn serving(device_id: u32) -> Option<DeviceRecord> {
         Some(DeviceRecord {
             device_id,
             recovering: false,
+            pid: SERVER_PID,
         })
     }
 
@@ -551,6 +572,14 @@ mod tests {
         Some(DeviceRecord {
             device_id,
             recovering: true,
+            pid: SERVER_PID,
+        })
+    }
+
+    fn device(state: DeviceState) -> Option<replblk_ublk::DeviceInfo> {
+        Some(replblk_ublk::DeviceInfo {
+            state,
+            server_pid: SERVER_PID as i32,
         })
     }
 
@@ -565,11 +594,11 @@ mod tests {
     #[test]
     fn a_device_left_quiesced_by_a_dead_primary_is_recovered() {
         assert_eq!(
-            decide(None, serving(3), Some(DeviceState::Quiesced)).unwrap(),
+            decide(None, serving(3), device(DeviceState::Quiesced)).unwrap(),
             (plan_of(Some(3), true), None)
         );
         assert_eq!(
-            decide(Some(5), None, Some(DeviceState::Quiesced)).unwrap(),
+            decide(Some(5), None, device(DeviceState::Quiesced)).unwrap(),
             (plan_of(Some(5), true), None)
         );
     }
@@ -577,7 +606,7 @@ mod tests {
     #[test]
     fn a_device_left_added_but_not_served_is_removed_and_added_again() {
         assert_eq!(
-            decide(None, serving(3), Some(DeviceState::Dead)).unwrap(),
+            decide(None, serving(3), device(DeviceState::Dead)).unwrap(),
             (plan_of(Some(3), false), Some(3))
         );
     }
@@ -602,7 +631,7 @@ mod tests {
             DeviceState::Other(9),
         ] {
             assert!(matches!(
-                decide(None, serving(3), Some(state)),
+                decide(None, serving(3), device(state)),
                 Err(NodeError::DeviceBusy { device_id: 3, .. })
             ));
         }
@@ -611,18 +640,39 @@ mod tests {
     #[test]
     fn a_device_whose_recovery_was_cut_short_is_refused_not_recovered() {
         assert!(matches!(
-            decide(None, recovering(3), Some(DeviceState::Quiesced)),
+            decide(None, recovering(3), device(DeviceState::Quiesced)),
             Err(NodeError::RecoveryCutShort { device_id: 3 })
         ));
         // The marker belongs to the recorded device only.
         assert_eq!(
-            decide(Some(5), recovering(3), Some(DeviceState::Quiesced)).unwrap(),
+            decide(Some(5), recovering(3), device(DeviceState::Quiesced)).unwrap(),
             (plan_of(Some(5), true), None)
         );
         // Gone or left dead, there is nothing to recover.
         assert_eq!(
-            decide(None, recovering(3), Some(DeviceState::Dead)).unwrap(),
+            decide(None, recovering(3), device(DeviceState::Dead)).unwrap(),
             (plan_of(Some(3), false), Some(3))
+        );
+    }
+
+    #[test]
+    fn a_quiesced_device_last_served_by_another_process_is_refused() {
+        let other = Some(replblk_ublk::DeviceInfo {
+            state: DeviceState::Quiesced,
+            server_pid: SERVER_PID as i32 + 1,
+        });
+        assert!(matches!(
+            decide(None, serving(3), other),
+            Err(NodeError::NotOurDevice {
+                device_id: 3,
+                recorded_pid: SERVER_PID,
+                ..
+            })
+        ));
+        // Configured without a record of it, the operator vouches for it.
+        assert_eq!(
+            decide(Some(3), None, other).unwrap(),
+            (plan_of(Some(3), true), None)
         );
     }
 
@@ -635,10 +685,13 @@ mod tests {
         for text in [
             "",
             "7",
-            "7 live",
-            "seven serving",
-            "7 serving extra",
-            "-1 serving",
+            "7 serving",
+            "7 live 12",
+            "seven serving 12",
+            "7 serving twelve",
+            "7 serving 12 extra",
+            "-1 serving 12",
+            "7 serving -12",
         ] {
             assert_eq!(DeviceRecord::parse(text), None, "{text:?}");
         }

@@ -86,6 +86,21 @@ pub enum NodeError {
         /// The device.
         device_id: u32,
     },
+    /// The device was last served by another process than this volume's
+    /// recorded primary.
+    #[error(
+        "/dev/ublkb{device_id} was last served by process {server_pid}, not by this volume's primary \
+         (process {recorded_pid}, recorded in /run/replblk): another program's device, reusing the id; \
+         not taken over"
+    )]
+    NotOurDevice {
+        /// The device.
+        device_id: u32,
+        /// Its last server, as the driver reports it.
+        server_pid: i32,
+        /// The primary the volume's record names.
+        recorded_pid: u32,
+    },
     /// The device is served: only its server may remove it.
     #[error(
         "/dev/ublkb{device_id} is served by a running primary: stop that primary (SIGTERM) instead"

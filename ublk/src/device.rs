@@ -110,21 +110,41 @@ pub fn driver_present() -> bool {
     Path::new(CONTROL_PATH).exists()
 }
 
+/// What the driver says about a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Its state.
+    pub state: DeviceState,
+    /// The process id of the server that started or last recovered it
+    /// (gone, if the device is quiesced); not positive if none did.
+    pub server_pid: i32,
+}
+
 /// The state of device `device_id`, or `None` if there is no such device.
 pub fn device_state(device_id: u32) -> Result<Option<DeviceState>, UblkDeviceError> {
+    Ok(device_info(device_id)?.map(|info| info.state))
+}
+
+/// The driver's information on device `device_id`, or `None` if there is
+/// no such device.
+pub fn device_info(device_id: u32) -> Result<Option<DeviceInfo>, UblkDeviceError> {
     if !driver_present() {
         return Err(UblkDeviceError::NoDriver);
     }
     if !Path::new(&format!("/dev/ublkc{device_id}")).exists() {
         return Ok(None);
     }
-    let state = control(device_id)?.dev_info().state;
-    Ok(Some(match u32::from(state) {
+    let info = control(device_id)?.dev_info();
+    let state = match u32::from(info.state) {
         sys::UBLK_S_DEV_DEAD => DeviceState::Dead,
         sys::UBLK_S_DEV_LIVE => DeviceState::Live,
         sys::UBLK_S_DEV_QUIESCED => DeviceState::Quiesced,
         sys::UBLK_S_DEV_FAIL_IO => DeviceState::FailIo,
-        _ => DeviceState::Other(state),
+        _ => DeviceState::Other(info.state),
+    };
+    Ok(Some(DeviceInfo {
+        state,
+        server_pid: info.ublksrv_pid,
     }))
 }
 

@@ -22,7 +22,8 @@ mod target;
 pub mod wake;
 
 pub use device::{
-    device_state, driver_present, remove_device, run, stop_device, DeviceConfig, DeviceState,
+    device_info, device_state, driver_present, remove_device, run, stop_device, DeviceConfig,
+    DeviceInfo, DeviceState,
 };
 pub use error::UblkDeviceError;
 pub use target::{Errno, RequestBuffer, Target};
