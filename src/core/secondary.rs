@@ -532,14 +532,20 @@ impl<P: Clone> Secondary<P> {
         if record.applied {
             record.payload = None;
         }
-        let first = (self.logged_seq + 1 - self.start_seq) as usize;
-        let newly = self
+        self.logged_seq = self.contiguous_through(self.logged_seq, |record| record.written);
+        self.progress();
+    }
+
+    /// The last seq of the run of records after `seq` that are `done`
+    /// (`seq` itself if the next one is not): how far a cumulative point
+    /// advances once an out-of-order completion fills a gap.
+    fn contiguous_through(&self, seq: u64, done: impl Fn(&Record<P>) -> bool) -> u64 {
+        let first = (seq + 1 - self.start_seq) as usize;
+        seq + self
             .records
             .range(first..)
-            .take_while(|record| record.written)
-            .count() as u64;
-        self.logged_seq += newly;
-        self.progress();
+            .take_while(|record| done(record))
+            .count() as u64
     }
 
     /// The log's fdatasync finished.
@@ -566,13 +572,7 @@ impl<P: Clone> Secondary<P> {
         if record.written {
             record.payload = None;
         }
-        let first = (self.applied_seq + 1 - self.start_seq) as usize;
-        let newly = self
-            .records
-            .range(first..)
-            .take_while(|record| record.applied)
-            .count() as u64;
-        self.applied_seq += newly;
+        self.applied_seq = self.contiguous_through(self.applied_seq, |record| record.applied);
         self.progress();
     }
 
