@@ -320,7 +320,11 @@ pub fn remove(config: &Config) -> Result<Option<u32>, NodeError> {
     else {
         return Ok(None);
     };
-    let removed = match replblk_ublk::device_state(device_id)? {
+    let info = replblk_ublk::device_info(device_id)?;
+    if let Some(error) = not_ours(device_id, recorded, info) {
+        return Err(error);
+    }
+    let removed = match info.map(|info| info.state) {
         None => None,
         Some(DeviceState::Live) => return Err(NodeError::DeviceServed { device_id }),
         Some(_) => {
@@ -330,6 +334,26 @@ pub fn remove(config: &Config) -> Result<Option<u32>, NodeError> {
     };
     forget_device_id(&device_id_path(config))?;
     Ok(removed)
+}
+
+/// The refusal to touch device `device_id` when the driver names as its
+/// last server another process than the primary this volume recorded as
+/// serving it: the id was given to another program after this volume's
+/// device was removed (the size check alone might not tell). A device never
+/// started has no server to compare, nor does a recovery cut short (the
+/// driver still names the server before it), nor a device no record names.
+fn not_ours(
+    device_id: u32,
+    recorded: Option<DeviceRecord>,
+    info: Option<replblk_ublk::DeviceInfo>,
+) -> Option<NodeError> {
+    let record = recorded.filter(|record| record.device_id == device_id && !record.recovering)?;
+    let info = info.filter(|info| info.server_pid > 0)?;
+    (i64::from(info.server_pid) != i64::from(record.pid)).then_some(NodeError::NotOurDevice {
+        device_id,
+        server_pid: info.server_pid,
+        recorded_pid: record.pid,
+    })
 }
 
 /// The decision of [`plan`], without I/O: from the configured and the
@@ -368,27 +392,16 @@ fn decide(
         Some(DeviceState::Quiesced) if recorded.is_some_and(|record| record.recovering) => {
             Err(NodeError::RecoveryCutShort { device_id })
         }
-        // Served last by another process than the recorded primary: the
-        // id was reused by another program after this volume's device was
-        // removed (the size check alone might not tell).
-        Some(DeviceState::Quiesced)
-            if recorded.is_some_and(|record| {
-                info.is_some_and(|info| i64::from(info.server_pid) != i64::from(record.pid))
-            }) =>
-        {
-            Err(NodeError::NotOurDevice {
-                device_id,
-                server_pid: info.map_or(0, |info| info.server_pid),
-                recorded_pid: recorded.map_or(0, |record| record.pid),
-            })
-        }
-        Some(DeviceState::Quiesced) => Ok((
-            DevicePlan {
-                device_id: Some(device_id),
-                recover: true,
-            },
-            None,
-        )),
+        Some(DeviceState::Quiesced) => match not_ours(device_id, recorded, info) {
+            Some(refusal) => Err(refusal),
+            None => Ok((
+                DevicePlan {
+                    device_id: Some(device_id),
+                    recover: true,
+                },
+                None,
+            )),
+        },
         // Added but not served: nothing waits on it and no disk is
         // visible, so it is removed and added again under the same id.
         Some(DeviceState::Dead) => Ok((
@@ -674,6 +687,19 @@ mod tests {
             decide(Some(3), None, other).unwrap(),
             (plan_of(Some(3), true), None)
         );
+        // remove-device refuses it too; it does judge neither a recovery
+        // cut short (the driver still names the server before it), nor a
+        // device never started (no server), nor a device the record does
+        // not name.
+        assert!(not_ours(3, serving(3), other).is_some());
+        assert!(not_ours(3, recovering(3), other).is_none());
+        assert!(not_ours(4, serving(3), other).is_none());
+        let never_started = Some(replblk_ublk::DeviceInfo {
+            state: DeviceState::Dead,
+            server_pid: -1,
+        });
+        assert!(not_ours(3, serving(3), never_started).is_none());
+        assert!(not_ours(3, serving(3), device(DeviceState::Quiesced)).is_none());
     }
 
     #[test]

@@ -91,7 +91,7 @@ pub enum NodeError {
     #[error(
         "/dev/ublkb{device_id} was last served by process {server_pid}, not by this volume's primary \
          (process {recorded_pid}, recorded in /run/replblk): another program's device, reusing the id; \
-         not taken over"
+         left alone (delete the volume's record in /run/replblk to add a new device)"
     )]
     NotOurDevice {
         /// The device.
