@@ -1,7 +1,8 @@
 //! Bad input gets a clear error and changes nothing: a misspelt config
-//! field, another volume's file, a corrupted frame, a stale primary and a
-//! LogRead of records the log does not hold are each refused, saying what
-//! and where, and no log or copy moves.
+//! field, another volume's file, a corrupted frame, a stale primary, a
+//! LogRead of records the log does not hold and a primary started on a
+//! kernel without ublk are each refused, saying what and where, and no log
+//! or copy moves.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -58,6 +59,56 @@ fn a_misspelt_config_field_is_refused_naming_the_file_and_field() {
     assert!(
         stderr.contains("broken.toml") && stderr.contains("clear_intervall_ms"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_primary_without_ublk_refuses_at_once_naming_the_way_out() {
+    if Path::new("/dev/ublk-control").exists() {
+        eprintln!("this kernel has ublk: the refusal does not apply here");
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut cluster = cluster(dir.path());
+    cluster.start_secondaries().expect("secondary up");
+    let mut primary = Command::new(REPLBLKD)
+        .args(["primary", "--config"])
+        .arg(cluster.config_path())
+        .args(["--node", "1"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("replblkd runs");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = primary.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            primary.kill().unwrap();
+            primary.wait().unwrap();
+            panic!("the primary did not refuse within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    primary
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("modprobe ublk_drv") && stderr.contains("--no-device"),
+        "{stderr}"
+    );
+    // Refused before the engine started: the secondary never saw it.
+    let state = cluster.log_state(2).expect("secondary answers");
+    assert_eq!(state.next_seq, 1);
+    assert!(
+        !cluster.output(2).contains("primary connected"),
+        "{}",
+        cluster.output(2)
     );
 }
 
