@@ -147,6 +147,9 @@ if "$bin/replblk-ctl" remove-device --config "$config" > "$work/remove.out" 2>&1
     fail "replblk-ctl remove-device removed the device a running primary serves"
 fi
 grep -q "served by a running primary" "$work/remove.out" || { cat "$work/remove.out"; fail "remove-device's refusal"; }
+"$bin/replblk-ctl" status --config "$config" > "$work/status.out" 2>&1 || true
+grep -q "^device $device Live, last server pid $primary_pid; recorded serving by pid $primary_pid$" "$work/status.out" \
+    || { cat "$work/status.out"; fail "replblk-ctl status does not show the device served by the primary"; }
 mkfs.ext4 -q -F "$device" || fail "mkfs.ext4 $device"
 mount "$device" "$mnt" || fail "mount $device"
 started=$SECONDS

@@ -336,6 +336,38 @@ pub fn remove(config: &Config) -> Result<Option<u32>, NodeError> {
     Ok(removed)
 }
 
+/// One line on the volume's device for `replblk-ctl status`: its id, what
+/// the driver says of it and what the volume's record says; `None` when no
+/// device is configured or recorded, or the kernel has no ublk.
+pub fn device_status(config: &Config) -> Result<Option<String>, NodeError> {
+    if !replblk_ublk::driver_present() {
+        return Ok(None);
+    }
+    let recorded = read_device_record(&device_id_path(config))?;
+    let Some(device_id) = config
+        .device
+        .device_id
+        .or(recorded.map(|record| record.device_id))
+    else {
+        return Ok(None);
+    };
+    let driver = match replblk_ublk::device_info(device_id)? {
+        None => "not present".to_string(),
+        Some(info) if info.server_pid > 0 => {
+            format!("{:?}, last server pid {}", info.state, info.server_pid)
+        }
+        Some(info) => format!("{:?}, never started", info.state),
+    };
+    let record = match recorded.filter(|record| record.device_id == device_id) {
+        None => "no record".to_string(),
+        Some(record) if record.recovering => format!("recorded recovering by pid {}", record.pid),
+        Some(record) => format!("recorded serving by pid {}", record.pid),
+    };
+    Ok(Some(format!(
+        "device /dev/ublkb{device_id} {driver}; {record}"
+    )))
+}
+
 /// The refusal to touch device `device_id` when the driver names as its
 /// last server another process than the primary this volume recorded as
 /// serving it: the id was given to another program after this volume's

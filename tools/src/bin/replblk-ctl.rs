@@ -45,7 +45,8 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Ask every node (or one) where its log stands.
+    /// Ask every node (or one) where its log stands; without --node, also
+    /// say where the volume's ublk device stands.
     Status {
         /// The volume's TOML config.
         #[arg(long)]
@@ -222,6 +223,11 @@ fn status(config: &Config, only: Option<u32>, timeout: Duration) -> anyhow::Resu
     }
     if only.is_some() && unreachable > 0 {
         bail!("node unreachable");
+    }
+    if only.is_none() {
+        if let Some(line) = replblk::node::block_device::device_status(config)? {
+            println!("{line}");
+        }
     }
     Ok(())
 }
