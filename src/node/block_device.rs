@@ -207,13 +207,12 @@ pub fn plan(config: &Config) -> Result<DevicePlan, NodeError> {
     if !replblk_ublk::driver_present() {
         return Err(replblk_ublk::UblkDeviceError::NoDriver.into());
     }
-    let recorded = read_device_record(&device_id_path(config))?;
-    let configured = config.device.device_id;
-    let info = match configured.or(recorded.map(|record| record.device_id)) {
+    let (device_id, recorded) = volume_device(config)?;
+    let info = match device_id {
         Some(device_id) => replblk_ublk::device_info(device_id)?,
         None => None,
     };
-    let (plan, left_dead) = decide(configured, recorded, info)?;
+    let (plan, left_dead) = decide(config.device.device_id, recorded, info)?;
     if let Some(device_id) = left_dead {
         tracing::warn!(
             device_id,
@@ -272,6 +271,17 @@ impl DeviceRecord {
     }
 }
 
+/// The volume's device: the configured id, else the recorded one; with the
+/// record.
+fn volume_device(config: &Config) -> Result<(Option<u32>, Option<DeviceRecord>), NodeError> {
+    let recorded = read_device_record(&device_id_path(config))?;
+    let device_id = config
+        .device
+        .device_id
+        .or(recorded.map(|record| record.device_id));
+    Ok((device_id, recorded))
+}
+
 fn read_device_record(record: &Path) -> Result<Option<DeviceRecord>, NodeError> {
     match std::fs::read_to_string(record) {
         Ok(text) => DeviceRecord::parse(&text)
@@ -312,12 +322,7 @@ pub fn remove(config: &Config) -> Result<Option<u32>, NodeError> {
     if !replblk_ublk::driver_present() {
         return Err(replblk_ublk::UblkDeviceError::NoDriver.into());
     }
-    let recorded = read_device_record(&device_id_path(config))?;
-    let Some(device_id) = config
-        .device
-        .device_id
-        .or(recorded.map(|record| record.device_id))
-    else {
+    let (Some(device_id), recorded) = volume_device(config)? else {
         return Ok(None);
     };
     let info = replblk_ublk::device_info(device_id)?;
@@ -343,12 +348,7 @@ pub fn device_status(config: &Config) -> Result<Option<String>, NodeError> {
     if !replblk_ublk::driver_present() {
         return Ok(None);
     }
-    let recorded = read_device_record(&device_id_path(config))?;
-    let Some(device_id) = config
-        .device
-        .device_id
-        .or(recorded.map(|record| record.device_id))
-    else {
+    let (Some(device_id), recorded) = volume_device(config)? else {
         return Ok(None);
     };
     let driver = match replblk_ublk::device_info(device_id)? {
@@ -356,7 +356,7 @@ pub fn device_status(config: &Config) -> Result<Option<String>, NodeError> {
         Some(info) if info.server_pid > 0 => {
             format!("{:?}, last server pid {}", info.state, info.server_pid)
         }
-        Some(info) => format!("{:?}, never started", info.state),
+        Some(info) => format!("{:?}, no server", info.state),
     };
     let record = match recorded.filter(|record| record.device_id == device_id) {
         None => "no record".to_string(),
