@@ -23,6 +23,9 @@ const QUEUE_DEPTH: usize = 32;
 const STUCK_WORKLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 const WRITES: u64 = 10_000;
 const FLUSH_EVERY_WRITES: u64 = 500;
+/// Bound on one workload: a run takes seconds, a stall must fail the test
+/// rather than hang it.
+const WORKLOAD_TIMEOUT: Duration = Duration::from_secs(300);
 const WRITE_BLOCKS_MAX: u64 = 256;
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -127,7 +130,7 @@ fn run_workload(volume: Arc<Volume>, writes: &[Write], midway: impl FnOnce()) {
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(async {
+    let workload = async {
         let mut in_flight = tokio::task::JoinSet::new();
         let mut midway = Some(midway);
         for (index, write) in writes.iter().copied().enumerate() {
@@ -155,6 +158,11 @@ fn run_workload(volume: Arc<Volume>, writes: &[Write], midway: impl FnOnce()) {
             done.unwrap();
         }
         volume.flush().await.expect("final flush completes");
+    };
+    runtime.block_on(async {
+        tokio::time::timeout(WORKLOAD_TIMEOUT, workload)
+            .await
+            .unwrap_or_else(|_| panic!("the workload did not finish within {WORKLOAD_TIMEOUT:?}"))
     });
 }
 

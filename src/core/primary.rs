@@ -1036,6 +1036,12 @@ impl<P: Clone> Primary<P> {
         record.next_to_send = log_next_seq;
         record.fua_sent_seq = 0;
         record.owed_since_ms = None;
+        // What the last connection was told may have died with it (a
+        // secondary killed before it cleared): this one has been told only
+        // what its log shows it cleared, so the all-acked point goes out
+        // again below. Without it a member back with a full log is sent
+        // neither the point nor, for want of room, the next update.
+        record.all_acked_sent_seq = log.start_seq - 1;
         let bit = 1u64 << member;
         for seq in self.window_start_seq..self.next_seq {
             if self.tracker.set_mask(seq) & bit == 0 {
@@ -2131,6 +2137,40 @@ mod tests {
         assert!(due
             .iter()
             .any(|a| matches!(a, Action::SendAllAcked { member: 0, seq: 1 })));
+    }
+
+    #[test]
+    fn a_reconnecting_member_is_told_the_all_acked_point_again() {
+        // Found in the multi-process test: a secondary killed after the
+        // AllAcked reached its socket but before it cleared came back with a
+        // full log; the primary, believing it told, sent no AllAcked and so
+        // no room for the next update, and the stream stalled for good.
+        let mut sim = Sim::new(1);
+        let mut rng = Rng(11);
+        sim.submit_write(1, &mut rng);
+        sim.pump();
+        sim.primary.local_write_done(1, Ok(()), 0);
+        sim.primary.ack_received(0, ack(1, 0, 0), 0).unwrap();
+        sim.primary.handle_timeout(10);
+        let told: Vec<_> = std::iter::from_fn(|| sim.primary.poll_action()).collect();
+        assert!(told
+            .iter()
+            .any(|a| matches!(a, Action::SendAllAcked { member: 0, seq: 1 })));
+        sim.primary.member_disconnected(0, 20);
+        let full = MemberLog {
+            start_seq: 1,
+            next_seq: 2,
+            used_bytes: RING_BYTES,
+        };
+        sim.primary.member_connected(0, full, 30).unwrap();
+        sim.primary.handle_timeout(40);
+        let retold: Vec<_> = std::iter::from_fn(|| sim.primary.poll_action()).collect();
+        assert!(
+            retold
+                .iter()
+                .any(|a| matches!(a, Action::SendAllAcked { member: 0, seq: 1 })),
+            "{retold:?}"
+        );
     }
 
     #[test]
