@@ -1888,6 +1888,9 @@ mod tests {
         fn reconnect(&mut self, member: usize) {
             let sim = &mut self.members[member];
             sim.connected = true;
+            // As a restarted secondary: what it was told of the all-acked
+            // point survives only as far as it cleared.
+            sim.all_acked_known = sim.cleared_seq;
             let log = MemberLog {
                 start_seq: sim.cleared_seq + 1,
                 next_seq: sim.log.len() as u64 + 1,
