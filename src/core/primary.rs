@@ -2120,26 +2120,36 @@ mod tests {
         assert_eq!(sim.completed, vec![1]);
     }
 
-    #[test]
-    fn all_acked_is_sent_within_the_delay_when_idle() {
+    /// One member; one write, done locally and acked at time 0, so that
+    /// seq 1 is all-acked and the AllAcked is due at the delay.
+    fn one_write_all_acked(seed: u64) -> Sim {
         let mut sim = Sim::new(1);
-        let mut rng = Rng(9);
+        let mut rng = Rng(seed);
         sim.submit_write(1, &mut rng);
         sim.pump();
         sim.primary.local_write_done(1, Ok(()), 0);
         sim.primary.ack_received(0, ack(1, 0, 0), 0).unwrap();
+        sim
+    }
+
+    /// Drains the primary's actions; whether one sends member 0 AllAcked
+    /// up to seq 1.
+    fn sends_all_acked_1(sim: &mut Sim) -> bool {
+        let actions: Vec<_> = std::iter::from_fn(|| sim.primary.poll_action()).collect();
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::SendAllAcked { member: 0, seq: 1 }))
+    }
+
+    #[test]
+    fn all_acked_is_sent_within_the_delay_when_idle() {
+        let mut sim = one_write_all_acked(9);
         assert_eq!(sim.primary.all_acked_seq(), 1);
         assert_eq!(sim.primary.poll_timeout(), Some(10));
         sim.primary.handle_timeout(9);
-        let early: Vec<_> = std::iter::from_fn(|| sim.primary.poll_action()).collect();
-        assert!(!early
-            .iter()
-            .any(|a| matches!(a, Action::SendAllAcked { .. })));
+        assert!(!sends_all_acked_1(&mut sim), "not before the delay");
         sim.primary.handle_timeout(10);
-        let due: Vec<_> = std::iter::from_fn(|| sim.primary.poll_action()).collect();
-        assert!(due
-            .iter()
-            .any(|a| matches!(a, Action::SendAllAcked { member: 0, seq: 1 })));
+        assert!(sends_all_acked_1(&mut sim));
     }
 
     #[test]
@@ -2148,17 +2158,9 @@ mod tests {
         // AllAcked reached its socket but before it cleared came back with a
         // full log; the primary, believing it told, sent no AllAcked and so
         // no room for the next update, and the stream stalled for good.
-        let mut sim = Sim::new(1);
-        let mut rng = Rng(11);
-        sim.submit_write(1, &mut rng);
-        sim.pump();
-        sim.primary.local_write_done(1, Ok(()), 0);
-        sim.primary.ack_received(0, ack(1, 0, 0), 0).unwrap();
+        let mut sim = one_write_all_acked(11);
         sim.primary.handle_timeout(10);
-        let told: Vec<_> = std::iter::from_fn(|| sim.primary.poll_action()).collect();
-        assert!(told
-            .iter()
-            .any(|a| matches!(a, Action::SendAllAcked { member: 0, seq: 1 })));
+        assert!(sends_all_acked_1(&mut sim));
         sim.primary.member_disconnected(0, 20);
         let full = MemberLog {
             start_seq: 1,
@@ -2167,12 +2169,9 @@ mod tests {
         };
         sim.primary.member_connected(0, full, 30).unwrap();
         sim.primary.handle_timeout(40);
-        let retold: Vec<_> = std::iter::from_fn(|| sim.primary.poll_action()).collect();
         assert!(
-            retold
-                .iter()
-                .any(|a| matches!(a, Action::SendAllAcked { member: 0, seq: 1 })),
-            "{retold:?}"
+            sends_all_acked_1(&mut sim),
+            "the new connection is told again"
         );
     }
 
