@@ -15,12 +15,13 @@ pub enum UblkDeviceError {
         /// The driver's errno, when it gave one.
         errno: Option<i32>,
     },
-    /// The device was left by a server that died while recovering it; the
-    /// kernel (6.12 at least) refuses to recover it again.
+    /// The driver refused to recover the device: on 6.12, what a server
+    /// that died while recovering it leaves, or a device made without
+    /// user recovery.
     #[error(
-        "ublk: device {device_id} cannot be recovered: its previous server died while recovering it, \
-         and the kernel refuses a second recovery; remove the device (programs still waiting on it get \
-         I/O errors) and start again"
+        "ublk: device {device_id} cannot be recovered: the driver refused (EINVAL), as it does once a \
+         server died while recovering the device or for a device made without user recovery; remove \
+         the device (programs still waiting on it get I/O errors) and start again"
     )]
     Unrecoverable {
         /// The stuck device.
