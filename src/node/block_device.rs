@@ -8,6 +8,11 @@
 //! in flight may see either version, as on any disk, and a completed write
 //! is already in the copy.
 //!
+//! Queue 0 is hosted on the engine's thread ([`Volume::host`]), so its
+//! requests reach the engine by a call and complete without a wake-up of
+//! another thread; further queues, if configured, have threads of their
+//! own and reach the engine through the volume's channel.
+//!
 //! A write's payload is the request buffer the kernel copied the data into;
 //! the engine keeps a reference while replicas may still need it, so a tag
 //! whose buffer is still referenced when its write completes takes another
@@ -15,6 +20,7 @@
 
 use std::cell::RefCell;
 use std::fs::File;
+use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -24,36 +30,77 @@ use std::sync::Arc;
 use replblk_ublk::{Errno, RequestBuffer, Target};
 
 use super::error::NodeError;
-use super::volume::{Volume, VolumeError};
+use super::volume::{HostedJob, LocalVolume, Volume, VolumeError};
 use crate::buf::{AlignedBuf, SharedBuf};
 use crate::config::Config;
 
-/// The volume as a ublk target.
-pub struct VolumeTarget {
-    volume: Arc<Volume>,
-    /// The primary's copy, opened for O_DIRECT reads.
-    data: File,
+/// How a target hands writes and flushes to the engine: through the
+/// channel from a queue thread ([`Volume`]), or by a call on the engine's
+/// own thread ([`LocalVolume`]).
+pub trait Replicate: 'static {
+    /// As [`Volume::write`].
+    fn write(
+        &self,
+        offset_bytes: u64,
+        data: SharedBuf,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), VolumeError>>;
+    /// As [`Volume::flush`].
+    fn flush(&self) -> impl Future<Output = Result<(), VolumeError>>;
 }
 
-impl VolumeTarget {
-    /// A target for `volume`, reading from node `node_id`'s copy.
-    pub fn new(volume: Arc<Volume>, config: &Config, node_id: u32) -> Result<Self, NodeError> {
-        let node = config
-            .node(node_id)
-            .ok_or(NodeError::UnknownNode { node_id })?;
-        let data = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&node.data_path)
-            .map_err(|source| {
-                NodeError::io(&node.data_path, "opening the copy for reads", source)
-            })?;
-        Ok(VolumeTarget { volume, data })
+impl Replicate for Arc<Volume> {
+    fn write(
+        &self,
+        offset_bytes: u64,
+        data: SharedBuf,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), VolumeError>> {
+        Volume::write(self, offset_bytes, data, fua)
     }
+    fn flush(&self) -> impl Future<Output = Result<(), VolumeError>> {
+        Volume::flush(self)
+    }
+}
 
+impl Replicate for LocalVolume {
+    fn write(
+        &self,
+        offset_bytes: u64,
+        data: SharedBuf,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), VolumeError>> {
+        LocalVolume::write(self, offset_bytes, data, fua)
+    }
+    fn flush(&self) -> impl Future<Output = Result<(), VolumeError>> {
+        LocalVolume::flush(self)
+    }
+}
+
+/// The volume as a ublk target.
+pub struct VolumeTarget<V> {
+    volume: V,
+    /// The primary's copy, opened for O_DIRECT reads.
+    data: Arc<File>,
+}
+
+impl<V: Replicate> VolumeTarget<V> {
     fn data_fd(&self) -> RawFd {
         self.data.as_raw_fd()
     }
+}
+
+/// Opens node `node_id`'s copy for the targets' reads.
+fn open_for_reads(config: &Config, node_id: u32) -> Result<Arc<File>, NodeError> {
+    let node = config
+        .node(node_id)
+        .ok_or(NodeError::UnknownNode { node_id })?;
+    let data = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&node.data_path)
+        .map_err(|source| NodeError::io(&node.data_path, "opening the copy for reads", source))?;
+    Ok(Arc::new(data))
 }
 
 /// Buffers of one queue whose payloads the engine still held when their
@@ -126,7 +173,7 @@ fn errno(error: &VolumeError) -> Errno {
     }
 }
 
-impl Target for VolumeTarget {
+impl<V: Replicate> Target for VolumeTarget<V> {
     type Buffer = TagBuffer;
 
     fn new_buffer(&self, capacity_bytes: usize) -> TagBuffer {
@@ -464,7 +511,24 @@ pub fn serve(
     volume: Arc<Volume>,
     mut stop_requested: impl FnMut(std::time::Duration) -> bool,
 ) -> Result<(), NodeError> {
-    let target = Arc::new(VolumeTarget::new(volume, config, node_id)?);
+    let data = open_for_reads(config, node_id)?;
+    let host_volume = volume.clone();
+    let host_data = data.clone();
+    let host: Box<dyn FnOnce(replblk_ublk::HostedQueue) + Send> = Box::new(move |queue| {
+        let job: HostedJob = Box::new(move |volume| {
+            let target = Rc::new(VolumeTarget {
+                volume,
+                data: host_data,
+            });
+            Box::pin(queue.serve(target))
+        });
+        // Refused only when the engine has stopped; the queue, dropped with
+        // the job, then fails the device's start.
+        if host_volume.host(job).is_err() {
+            tracing::error!("the engine stopped before it could serve the device's first queue");
+        }
+    });
+    let target = Arc::new(VolumeTarget { volume, data });
     let device = replblk_ublk::DeviceConfig {
         device_id: plan.device_id,
         name: "replblk".into(),
@@ -502,7 +566,7 @@ pub fn serve(
     let thread = std::thread::Builder::new()
         .name("replblk-ublk".into())
         .spawn(move || {
-            replblk_ublk::run(&device, target, added, move |device_id| {
+            replblk_ublk::run(&device, target, Some(host), added, move |device_id| {
                 if plan.recover {
                     note(&started_record, device_id, false);
                 }

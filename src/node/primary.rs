@@ -53,7 +53,8 @@ struct Member {
     stream: RefCell<Option<Rc<TcpStream>>>,
 }
 
-struct Engine {
+/// The engine's state, shared by its tasks on its one thread.
+pub(crate) struct Engine {
     volume_uuid: [u8; 16],
     node_id: u32,
     epoch: u64,
@@ -63,6 +64,9 @@ struct Engine {
     replies: RefCell<HashMap<RequestId, oneshot::Sender<Result<(), VolumeError>>>>,
     next_request_id: Cell<RequestId>,
     stopping: Cell<bool>,
+    /// False once the volume's channel closed: the engine is stopping and
+    /// takes no more requests, from the channel or from a hosted frontend.
+    accepting: Cell<bool>,
     reconnect_interval: Duration,
     /// Longest wait for a secondary's answer to the handshake.
     handshake_timeout: Duration,
@@ -160,6 +164,7 @@ pub(crate) fn run(
             replies: RefCell::new(HashMap::new()),
             next_request_id: Cell::new(1),
             stopping: Cell::new(false),
+            accepting: Cell::new(true),
             reconnect_interval: Duration::from_millis(replication.reconnect_interval_ms),
             handshake_timeout: Duration::from_millis(replication.ack_timeout_ms),
             clock: Instant::now(),
@@ -578,6 +583,18 @@ impl Engine {
             }
             self.pump();
         }
+        self.accepting.set(false);
+    }
+
+    /// Takes a request from a frontend on this thread (see
+    /// [`super::volume::LocalVolume`]) as if it came through the channel.
+    pub(crate) fn submit(self: &Rc<Self>, command: Command) -> Result<(), VolumeError> {
+        if !self.accepting.get() {
+            return Err(VolumeError::Stopped);
+        }
+        self.handle(command);
+        self.pump();
+        Ok(())
     }
 
     fn handle(self: &Rc<Self>, command: Command) {
@@ -629,6 +646,12 @@ impl Engine {
                         reason: error.to_string(),
                     }));
                 });
+            }
+            Command::Host(job) => {
+                let local = super::volume::LocalVolume {
+                    engine: self.clone(),
+                };
+                tokio_uring::spawn(job(local));
             }
             Command::Status { reply } => {
                 let core = self.core.borrow();

@@ -6,7 +6,15 @@
 //! benchmark's, a ublk queue's) can drive it. A write completes only when the
 //! primary's copy and every secondary of its set hold it; a flush, or a FUA
 //! write, only when that is durable everywhere.
+//!
+//! A frontend that would rather run on the engine's thread (a hosted ublk
+//! queue) asks [`Volume::host`] to run it there, with a [`LocalVolume`]:
+//! the same requests, handed to the engine by a call instead of a channel,
+//! so they cross no thread.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
 use std::thread::JoinHandle;
 
 use thiserror::Error;
@@ -90,6 +98,29 @@ pub(crate) enum Command {
     Status {
         reply: oneshot::Sender<VolumeStatus>,
     },
+    Host(HostedJob),
+}
+
+/// Work run on the engine's thread by [`Volume::host`]: given the volume's
+/// [`LocalVolume`], it returns the task to run there.
+pub type HostedJob = Box<dyn FnOnce(LocalVolume) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+
+/// A write as the engine takes it, and what its result comes back through.
+fn write_command(
+    offset_bytes: u64,
+    data: SharedBuf,
+    fua: bool,
+) -> (Command, oneshot::Receiver<Result<(), VolumeError>>) {
+    let crc32 = crate::proto::data_crc32(data.as_slice());
+    let (reply, done) = oneshot::channel();
+    let payload = Payload { buf: data, crc32 };
+    let command = Command::Write {
+        offset_bytes,
+        payload,
+        fua,
+        reply,
+    };
+    (command, done)
 }
 
 /// A running primary.
@@ -166,16 +197,8 @@ impl Volume {
         data: SharedBuf,
         fua: bool,
     ) -> Result<(), VolumeError> {
-        let crc32 = crate::proto::data_crc32(data.as_slice());
-        let (reply, done) = oneshot::channel();
-        let payload = Payload { buf: data, crc32 };
-        self.send(Command::Write {
-            offset_bytes,
-            payload,
-            fua,
-            reply,
-        })
-        .await?;
+        let (command, done) = write_command(offset_bytes, data, fua);
+        self.send(command).await?;
         done.await.map_err(|_| VolumeError::Stopped)?
     }
 
@@ -222,6 +245,17 @@ impl Volume {
         done.await.map_err(|_| VolumeError::Stopped)
     }
 
+    /// Runs `job` on the engine's thread, as a task of its runtime, with the
+    /// volume at hand as a [`LocalVolume`]. Waits while the engine's queue
+    /// is full, so it must not be called from inside an async runtime. If
+    /// the engine has stopped, the job is dropped unrun and this fails.
+    pub fn host(&self, job: HostedJob) -> Result<(), VolumeError> {
+        let commands = self.commands.as_ref().ok_or(VolumeError::Stopped)?;
+        commands
+            .blocking_send(Command::Host(job))
+            .map_err(|_| VolumeError::Stopped)
+    }
+
     /// Stops the primary cleanly: requests already submitted complete, the
     /// final all-acked point reaches every connected secondary, the copy is
     /// synced. Blocks until done.
@@ -248,5 +282,34 @@ impl Drop for Volume {
         if let Err(error) = self.shutdown() {
             tracing::error!(%error, "primary stopped with an error");
         }
+    }
+}
+
+/// The volume on its engine's own thread (see [`Volume::host`]): writes
+/// and flushes go to the engine by a call, and complete on this thread.
+/// Not `Send`: it lives and is used only there.
+#[derive(Clone)]
+pub struct LocalVolume {
+    pub(crate) engine: Rc<primary::Engine>,
+}
+
+impl LocalVolume {
+    /// As [`Volume::write`].
+    pub async fn write(
+        &self,
+        offset_bytes: u64,
+        data: SharedBuf,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        let (command, done) = write_command(offset_bytes, data, fua);
+        self.engine.submit(command)?;
+        done.await.map_err(|_| VolumeError::Stopped)?
+    }
+
+    /// As [`Volume::flush`].
+    pub async fn flush(&self) -> Result<(), VolumeError> {
+        let (reply, done) = oneshot::channel();
+        self.engine.submit(Command::Flush { reply })?;
+        done.await.map_err(|_| VolumeError::Stopped)?
     }
 }

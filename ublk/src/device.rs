@@ -8,6 +8,7 @@ use libublk::io::UblkDev;
 use libublk::{sys, UblkFlags};
 
 use crate::error::UblkDeviceError;
+use crate::hosted::HostedQueue;
 use crate::queue;
 use crate::target::Target;
 use crate::SECTOR_SIZE_BYTES;
@@ -191,14 +192,19 @@ pub fn remove_device(device_id: u32) -> Result<(), UblkDeviceError> {
 /// recovery, once the driver has accepted it and before any queue is
 /// ready), and `started` once `/dev/ublkbN` takes requests.
 ///
+/// Each queue is served by a thread of its own with `target`, except queue
+/// 0 when `host` is given: it gets that queue as a [`HostedQueue`] and
+/// serves it on a thread it already runs (see [`crate::hosted`]).
+///
 /// The device is created with `UBLK_F_USER_RECOVERY_REISSUE`: should this
 /// process die, the device stays, requests wait, and the ones this process
 /// had taken are issued again to the server that recovers it.
-pub fn run<T: Target>(
+pub fn run<T: Target + Send + Sync>(
     config: &DeviceConfig,
     target: Arc<T>,
+    host: Option<Box<dyn FnOnce(HostedQueue) + Send>>,
     added: impl FnOnce(u32),
-    started: impl FnOnce(u32) + Send + Sync + 'static,
+    started: impl FnOnce(u32),
 ) -> Result<(), UblkDeviceError> {
     config.validate()?;
     if !driver_present() {
@@ -281,16 +287,15 @@ pub fn run<T: Target>(
         };
         Ok(())
     };
-    let queue_target = target.clone();
-    let serve = move |queue_id: u16, dev: &UblkDev| {
-        queue::serve(queue_id, dev, queue_target.clone());
-    };
-    let result = ctrl.run_target(init, serve, move |_ctrl: &UblkCtrl| started(device_id));
+    let dev = UblkDev::new(ctrl.get_name(), init, &ctrl).map_err(|error| {
+        UblkDeviceError::driver(format!("setting up device {device_id}"), error)
+    })?;
+    let result = serve(&ctrl, Arc::new(dev), config.queues, target, host, started);
     // A device taken over by recovery is not removed by libublk on drop;
-    // removing it here makes a clean stop the same in both cases.
+    // removing it here makes a clean stop the same in both cases. After a
+    // failed start it also ends the queues, whose commands it aborts.
     let removed = ctrl.del_dev();
-    result
-        .map_err(|error| UblkDeviceError::driver(format!("serving device {device_id}"), error))?;
+    result?;
     match removed {
         Ok(_) => Ok(()),
         Err(libublk::UblkError::OtherError(code)) if code == -libc::ENOENT => Ok(()),
@@ -299,6 +304,91 @@ pub fn run<T: Target>(
             error,
         )),
     }
+}
+
+/// Starts the queues (threads, and the hosted one), starts the device and
+/// waits until every queue has ended; what libublk's `run_target` does, but
+/// with queue 0 possibly hosted.
+fn serve<T: Target + Send + Sync>(
+    ctrl: &UblkCtrl,
+    dev: Arc<UblkDev>,
+    queues: u16,
+    target: Arc<T>,
+    mut host: Option<Box<dyn FnOnce(HostedQueue) + Send>>,
+    started: impl FnOnce(u32),
+) -> Result<(), UblkDeviceError> {
+    let device_id = dev.dev_info.dev_id;
+    let (thread_ids, ids) = std::sync::mpsc::channel();
+    let mut threads = Vec::new();
+    let mut hosted = None;
+    for queue_id in 0..queues {
+        if let Some(host) = host.take() {
+            let (queue, watch) = HostedQueue::new(queue_id, dev.clone(), thread_ids.clone());
+            hosted = Some(watch);
+            host(queue);
+            continue;
+        }
+        let (dev, target, thread_ids) = (dev.clone(), target.clone(), thread_ids.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("replblk-queue-{queue_id}"))
+            .spawn(move || {
+                let tid = UblkCtrl::init_queue_thread();
+                if thread_ids.send((queue_id, tid)).is_ok() {
+                    drop(thread_ids);
+                    queue::serve(queue_id, &dev, target);
+                }
+            })
+            .map_err(|error| {
+                UblkDeviceError::driver(
+                    format!("starting queue {queue_id}'s thread"),
+                    libublk::UblkError::IOError(error),
+                )
+            })?;
+        threads.push(thread);
+    }
+    drop(thread_ids);
+    // libublk records each queue's thread; only queue threads are pinned
+    // to the queue's CPUs, a host's thread is the host's business.
+    // Every queue reports once; a queue that fails first drops its sender
+    // unsent, and the loop ends when all are gone.
+    for (queue_id, tid) in ids.iter().take(usize::from(queues)) {
+        if hosted.is_none() || queue_id != 0 {
+            ctrl.set_thread_affinity(queue_id, tid);
+        }
+        ctrl.configure_queue(&dev, queue_id, tid).map_err(|error| {
+            UblkDeviceError::driver(format!("recording queue {queue_id}"), error)
+        })?;
+    }
+    if let Err(error) = ctrl.start_dev(&dev) {
+        if let Some(watch) = &hosted {
+            if !watch.served.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(UblkDeviceError::Driver {
+                    action: format!("starting device {device_id}"),
+                    reason: "the host of queue 0 let it go without serving it".into(),
+                    errno: None,
+                });
+            }
+        }
+        return Err(UblkDeviceError::driver(
+            format!("starting device {device_id}"),
+            error,
+        ));
+    }
+    started(device_id);
+    if let Some(watch) = hosted {
+        // Returns when the hosted queue ends: the device stopped, or its
+        // host did. In the second case the other queues must end too.
+        let _ = watch.finished.recv();
+        let _ = ctrl.kill_dev();
+    }
+    for thread in threads {
+        if thread.join().is_err() {
+            tracing::error!(device_id, "ublk: a queue thread panicked");
+        }
+    }
+    // The device may have been removed from elsewhere: ENOENT is normal.
+    let _ = ctrl.stop_dev();
+    Ok(())
 }
 
 fn adding(config: &DeviceConfig) -> String {

@@ -10,12 +10,15 @@
 //! The target's futures complete on other threads (replblk's engine); the
 //! wake-up reaches the queue thread through an eventfd polled in the queue's
 //! own ring (see [`wake`]), the one bridge that respects the rule that only
-//! the queue thread touches its ring.
+//! the queue thread touches its ring. Queue 0 may instead be hosted on the
+//! target's own thread and async runtime ([`HostedQueue`]), so that its
+//! requests cross no thread at all.
 
 #![warn(missing_docs)]
 
 mod device;
 mod error;
+mod hosted;
 mod queue;
 pub mod ring;
 mod target;
@@ -26,6 +29,7 @@ pub use device::{
     DeviceInfo, DeviceState,
 };
 pub use error::UblkDeviceError;
+pub use hosted::HostedQueue;
 pub use target::{Errno, RequestBuffer, Target};
 
 /// Sector size the ublk protocol counts offsets and lengths in.

@@ -25,7 +25,7 @@ const IDLE_SECS: u64 = 20;
 /// thread drops it from its own effective set (capabilities are per
 /// thread); nothing the queue thread does needs it. A replicated volume
 /// is not partitioned by the kernel anyway, as with DRBD's devices.
-fn suppress_partition_scan(queue_id: u16) {
+pub(crate) fn suppress_partition_scan(queue_id: u16) {
     use caps::{CapSet, Capability};
     if let Err(error) = caps::drop(None, CapSet::Effective, Capability::CAP_SYS_ADMIN) {
         tracing::warn!(queue_id, %error, "ublk: could not drop CAP_SYS_ADMIN; the kernel will scan the device for partitions");
@@ -33,13 +33,16 @@ fn suppress_partition_scan(queue_id: u16) {
 }
 
 /// Serves queue `queue_id` of `dev` until the device stops. Runs on the
-/// queue's thread (started by libublk's `run_target`).
+/// queue's thread (started by [`crate::run`]).
 pub(crate) fn serve<T: Target>(queue_id: u16, dev: &UblkDev, target: Arc<T>) {
     suppress_partition_scan(queue_id);
     let queue = match UblkQueue::new(queue_id, dev) {
         Ok(queue) => Rc::new(queue),
         Err(error) => {
             tracing::error!(queue_id, %error, "ublk: setting up the queue failed");
+            // Fails the device's start, which would otherwise wait for this
+            // queue forever (libublk reports it as EPERM).
+            dev.notify_buffer_registration_complete(true);
             return;
         }
     };
@@ -47,6 +50,7 @@ pub(crate) fn serve<T: Target>(queue_id: u16, dev: &UblkDev, target: Arc<T>) {
         Ok(notifier) => notifier,
         Err(error) => {
             tracing::error!(queue_id, %error, "ublk: creating the queue's eventfd failed");
+            dev.notify_buffer_registration_complete(true);
             return;
         }
     };
@@ -129,7 +133,7 @@ fn decode(iod: &sys::ublksrv_io_desc) -> Request {
     }
 }
 
-async fn serve_tag<T: Target>(
+pub(crate) async fn serve_tag<T: Target>(
     queue: &UblkQueue<'_>,
     tag: u16,
     target: &T,

@@ -26,8 +26,11 @@ pub unsafe trait RequestBuffer: 'static {
 /// before calling.
 ///
 /// The futures run on a queue thread's single-threaded executor (they need
-/// not be `Send`) and may be completed from any thread.
-pub trait Target: Send + Sync + 'static {
+/// not be `Send`) and may be completed from any thread. A target served on
+/// queue threads is shared by them (`Send + Sync`); one that serves only a
+/// hosted queue ([`crate::HostedQueue`]) stays on its host's thread and
+/// need not be.
+pub trait Target: 'static {
     /// The per-request buffer type.
     type Buffer: RequestBuffer;
 

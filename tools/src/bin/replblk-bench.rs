@@ -15,7 +15,11 @@
 //!   (no fdatasync, as a volume write completes without one too);
 //! - `replblk-0`, `replblk-1`, `replblk-2`: a 1 GiB volume with 0, 1 and 2
 //!   `replblkd` secondaries on 127.0.0.1, the primary in this process
-//!   through the volume API, with the default replication config.
+//!   through the volume API, with the default replication config. The
+//!   workload runs on the engine's thread (`Volume::host`), as the block
+//!   device's first queue does; with `--caller thread` it runs on the
+//!   benchmark's own thread and reaches the engine through the volume's
+//!   channel, as a caller on another thread does.
 //!
 //! Each workload runs `--seconds` after a one-second warm-up that is not
 //! measured. Every file lives in a fresh directory under `--dir` (default
@@ -44,7 +48,7 @@ use tokio::task::{JoinSet, LocalSet};
 use replblk::buf::{AlignedBuf, SharedBuf};
 use replblk::config::ReplicationConfig;
 use replblk::node::local_cluster::{LocalCluster, PRIMARY_NODE_ID};
-use replblk::node::volume::Volume;
+use replblk::node::volume::{LocalVolume, Volume};
 
 /// Size of the volume, and of the local baseline file.
 const VOLUME_BYTES: u64 = 1 << 30;
@@ -98,6 +102,20 @@ struct Cli {
     #[arg(long, value_delimiter = ',', default_values_t = SECONDARIES,
           value_parser = clap::value_parser!(u8).range(0..=2))]
     secondaries: Vec<u8>,
+    /// Where the volume's workload runs: on the engine's thread, as the
+    /// block device's first queue does, or on the benchmark's own thread,
+    /// through the volume's channel.
+    #[arg(long, value_enum, default_value_t = Caller::Engine)]
+    caller: Caller,
+}
+
+/// Where a volume's workload runs (see `Args::caller`).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Caller {
+    /// On the engine's thread, calling it directly (`LocalVolume`).
+    Engine,
+    /// On the benchmark's thread, through the volume's channel.
+    Thread,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -116,7 +134,7 @@ struct Workload {
     seed: u64,
 }
 
-const WORKLOADS: [Workload; 3] = [
+static WORKLOADS: [Workload; 3] = [
     Workload {
         name: "4 KiB random write, QD1",
         block_bytes: 4096,
@@ -183,6 +201,18 @@ impl Target for LocalFile {
 struct ReplicatedVolume(Rc<Volume>);
 
 impl Target for ReplicatedVolume {
+    async fn write(&self, offset_bytes: u64, data: SharedBuf) -> anyhow::Result<()> {
+        self.0
+            .write(offset_bytes, data, false)
+            .await
+            .with_context(|| format!("writing the volume at {offset_bytes}"))
+    }
+}
+
+/// A replicated volume through the volume API, on the engine's thread.
+struct HostedVolume(LocalVolume);
+
+impl Target for HostedVolume {
     async fn write(&self, offset_bytes: u64, data: SharedBuf) -> anyhow::Result<()> {
         self.0
             .write(offset_bytes, data, false)
@@ -409,6 +439,7 @@ fn bench_volume(
     replblkd: &Path,
     secondaries: usize,
     seconds: u64,
+    caller: Caller,
     interrupted: &'static AtomicBool,
 ) -> anyhow::Result<TargetResult> {
     let name = format!("replblk-{secondaries}");
@@ -443,10 +474,27 @@ fn bench_volume(
     let target = Rc::new(ReplicatedVolume(volume.clone()));
     let mut measured = Vec::new();
     for workload in &WORKLOADS {
-        let result = LocalSet::new().block_on(
-            &runtime,
-            run_workload(target.clone(), workload, seconds, interrupted),
-        )?;
+        let result = match caller {
+            Caller::Thread => LocalSet::new().block_on(
+                &runtime,
+                run_workload(target.clone(), workload, seconds, interrupted),
+            )?,
+            Caller::Engine => {
+                let (sender, receiver) = std::sync::mpsc::channel();
+                volume
+                    .host(Box::new(move |local| {
+                        Box::pin(async move {
+                            let target = Rc::new(HostedVolume(local));
+                            let result = run_workload(target, workload, seconds, interrupted);
+                            let _ = sender.send(result.await);
+                        })
+                    }))
+                    .with_context(|| format!("{name}: handing the workload to the engine"))?;
+                receiver
+                    .recv()
+                    .map_err(|_| anyhow!("{name}: the engine dropped the workload unfinished"))??
+            }
+        };
         progress(&name, workload, &result);
         measured.push(result);
         let status = runtime
@@ -827,11 +875,15 @@ fn main() -> anyhow::Result<()> {
         secondary_run_dir.as_ref().map(parent).as_deref(),
     );
     let setup = format!(
-        "setup: volume and local file {} GiB, log {} MiB per secondary, {} s per workload after {} s of warm-up, default ReplicationConfig, secondaries on 127.0.0.1; load average at start {}",
+        "setup: volume and local file {} GiB, log {} MiB per secondary, {} s per workload after {} s of warm-up, default ReplicationConfig, secondaries on 127.0.0.1, volume workload {}; load average at start {}",
         VOLUME_BYTES >> 30,
         LOG_BYTES >> 20,
         cli.seconds,
         WARMUP.as_secs(),
+        match cli.caller {
+            Caller::Engine => "on the engine's thread",
+            Caller::Thread => "on the benchmark's thread (through the channel)",
+        },
         load_average()
     );
     eprintln!("{machine}");
@@ -853,6 +905,7 @@ fn main() -> anyhow::Result<()> {
             &replblkd,
             usize::from(secondaries),
             cli.seconds,
+            cli.caller,
             interrupted,
         )?);
     }
