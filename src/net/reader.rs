@@ -148,3 +148,90 @@ impl FrameReader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{data_crc32, encode_update_header, UpdateHeader};
+
+    /// An Update frame of `length` bytes of data, each byte derived from
+    /// `seq`, encoded whole.
+    fn update(seq: u64, length: usize) -> Vec<u8> {
+        let data: Vec<u8> = (0..length).map(|i| (seq as u8) ^ (i as u8)).collect();
+        let header = UpdateHeader {
+            seq,
+            epoch: 1,
+            offset_bytes: 0,
+            length_bytes: length as u32,
+            flags: 0,
+            all_acked_seq: 0,
+        };
+        let mut bytes = Vec::new();
+        encode_update_header(&header, data_crc32(&data), &mut bytes);
+        bytes.extend_from_slice(&data);
+        bytes
+    }
+
+    /// Small and large frames mixed, sent in pieces that cut frames
+    /// anywhere (so the buffer fills up mid-frame and its partial frame
+    /// moves to the front): every frame comes out whole, in order, with its
+    /// bytes.
+    #[test]
+    fn mixed_small_and_large_frames_cut_anywhere_come_out_whole_and_in_order() {
+        let lengths = [
+            4096,
+            1 << 20,
+            512,
+            1 << 20,
+            1 << 20,
+            8192,
+            64 << 10,
+            (64 << 10) - 512,
+            1 << 20,
+            4096,
+        ];
+        let frames: Vec<Vec<u8>> = lengths
+            .iter()
+            .enumerate()
+            .map(|(index, &length)| update(index as u64 + 1, length))
+            .collect();
+        let stream: Vec<u8> = frames.concat();
+        tokio_uring::start(async move {
+            let listener =
+                tokio_uring::net::TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let address = listener.local_addr().unwrap();
+            let sender = tokio_uring::spawn(async move {
+                let connection = tokio_uring::net::TcpStream::connect(address).await.unwrap();
+                // Pieces of sizes that do not line up with frames.
+                let mut sent = 0;
+                for piece in [100, 70_000, 3, 1 << 20, 999_999, 5000].iter().cycle() {
+                    if sent == stream.len() {
+                        break;
+                    }
+                    let end = (sent + piece).min(stream.len());
+                    let (result, _) = connection.write_all(stream[sent..end].to_vec()).await;
+                    result.unwrap();
+                    sent = end;
+                }
+            });
+            let (connection, _) = listener.accept().await.unwrap();
+            let mut reader = FrameReader::new(Rc::new(connection), "test".into());
+            for (index, expected) in frames.iter().enumerate() {
+                reader.fill().await.unwrap();
+                let (frame, length, data_crc) = reader.frame_with_data_crc().unwrap();
+                assert_eq!(length, expected.len(), "frame {index}'s length");
+                match frame {
+                    Frame::Update { header, data } => {
+                        assert_eq!(header.seq, index as u64 + 1);
+                        assert_eq!(data, &expected[expected.len() - data.len()..]);
+                        assert_eq!(data_crc, Some(data_crc32(data)));
+                    }
+                    other => panic!("frame {index} decoded as {:?}", other.kind()),
+                }
+                reader.consume(length);
+            }
+            assert!(!reader.has_frame(), "nothing after the last frame");
+            sender.await.unwrap();
+        });
+    }
+}
