@@ -4,7 +4,7 @@
 //! Writes go through the volume API, so they complete to the kernel only
 //! when every replica holds them; a flush only when everything before it is
 //! durable everywhere. Reads are served from the primary's own copy on the
-//! queue thread's ring, without the engine: a read overlapping a write still
+//! queue's own ring, without the engine: a read overlapping a write still
 //! in flight may see either version, as on any disk, and a completed write
 //! is already in the copy.
 //!

@@ -1,13 +1,13 @@
-//! File I/O on the queue thread's own io_uring, for targets that serve a
-//! request from a local file without leaving the queue thread (replblk reads
-//! from the primary's copy this way).
+//! File I/O on a queue's own io_uring, for targets that serve a request
+//! from a local file without leaving the queue's thread (a queue thread, or
+//! a hosted queue's host); replblk reads from the primary's copy this way.
 
 use std::os::fd::RawFd;
 
 /// Reads `buffer.len()` bytes at `offset_bytes` of `fd`, through the calling
-/// queue thread's ring. Must be awaited on a queue thread, inside a task of
-/// its executor, and awaited to the end: the kernel writes into `buffer`
-/// until the completion arrives.
+/// queue's ring. Must be awaited on the queue's thread, inside one of the
+/// queue's tag tasks, and awaited to the end: the kernel writes into
+/// `buffer` until the completion arrives.
 pub async fn read_at(fd: RawFd, offset_bytes: u64, buffer: &mut [u8]) -> std::io::Result<usize> {
     let length = u32::try_from(buffer.len()).map_err(|_| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "read larger than 4 GiB")

@@ -25,8 +25,8 @@ pub unsafe trait RequestBuffer: 'static {
 /// the logical block size, within the device; the frontend checks that
 /// before calling.
 ///
-/// The futures run on a queue thread's single-threaded executor (they need
-/// not be `Send`) and may be completed from any thread. A target served on
+/// The futures run on a queue's single-threaded executor (they need not be
+/// `Send`) and may be completed from any thread. A target served on
 /// queue threads is shared by them (`Send + Sync`); one that serves only a
 /// hosted queue ([`crate::HostedQueue`]) stays on its host's thread and
 /// need not be.
@@ -35,7 +35,7 @@ pub trait Target: 'static {
     type Buffer: RequestBuffer;
 
     /// A buffer for one tag, of `capacity_bytes` (the device's largest
-    /// request). Called on the queue thread, once per tag.
+    /// request). Called on the queue's thread, once per tag.
     fn new_buffer(&self, capacity_bytes: usize) -> Self::Buffer;
 
     /// Fills `buffer[..length_bytes]` from `offset_bytes`.
