@@ -187,14 +187,28 @@ async fn reap(
         // Let the tags woken by the last completions run first, so that
         // their commands leave in one submission.
         smol::future::yield_now().await;
-        with_task_io_ring_mut(|ring| {
+        let submitted = with_task_io_ring_mut(|ring| {
             if ring.submission().is_empty() {
                 Ok(0)
             } else {
                 ring.submit()
             }
-        })
-        .map_err(UblkError::IOError)?;
+        });
+        let deferred = match submitted {
+            Ok(_) => false,
+            // Interrupted, or completions to reap first: what is left in
+            // the submission queue goes on the next round.
+            Err(error)
+                if matches!(
+                    error.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                ) =>
+            {
+                tracing::debug!(%error, "ublk: hosted queue's submission deferred");
+                true
+            }
+            Err(error) => return Err(UblkError::IOError(error)),
+        };
         if done() {
             return Ok(());
         }
@@ -209,9 +223,12 @@ async fn reap(
             submit.notified().await;
             Ok(())
         };
-        smol::future::or(completion, submission)
-            .await
-            .map_err(UblkError::IOError)?;
+        // After a deferred submission, no wait: reap, then try again.
+        if !deferred {
+            smol::future::or(completion, submission)
+                .await
+                .map_err(UblkError::IOError)?;
+        }
         let mut reaped = 0_u32;
         let aborted = ublk_reap_io_events_with_update_queue(queue, false, None, |cqe| {
             reaped += 1;
