@@ -12,7 +12,7 @@ use std::time::Duration;
 use replblk::buf::{AlignedBuf, SharedBuf};
 use replblk::config::ReplicationConfig;
 use replblk::node::local_cluster::{first_difference, LocalCluster, PRIMARY_NODE_ID};
-use replblk::node::volume::{Volume, VolumeStatus};
+use replblk::node::volume::{Replicate, Volume, VolumeStatus};
 
 const BLOCK_BYTES: u64 = 4096;
 const VOLUME_BYTES: u64 = 64 << 20;
@@ -123,43 +123,50 @@ fn cluster_with(
     cluster
 }
 
-/// Runs the workload at queue depth 32. `midway` runs once, on this thread,
-/// after a third of the writes were submitted (to kill a secondary, say).
+/// Keeps `QUEUE_DEPTH` of `writes` in flight through `writer`, with a flush
+/// every `FLUSH_EVERY_WRITES` and one at the end. `midway` runs once, after
+/// a third of the writes were submitted (to kill a secondary, say). Runs on
+/// a `LocalSet`.
+async fn drive<W: Replicate + Clone>(writer: W, writes: Vec<Write>, midway: impl FnOnce()) {
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut midway = Some(midway);
+    let count = writes.len();
+    for (index, write) in writes.into_iter().enumerate() {
+        while in_flight.len() >= QUEUE_DEPTH {
+            in_flight.join_next().await.unwrap().unwrap();
+        }
+        if index == count / 3 {
+            (midway.take().unwrap())();
+        }
+        let volume = writer.clone();
+        in_flight.spawn_local(async move {
+            let data = fill(write.tag, write.blocks);
+            let fua = write.tag % 97 == 0;
+            volume
+                .write(write.offset_bytes, data, fua)
+                .await
+                .expect("write completes");
+        });
+        if (index as u64 + 1).is_multiple_of(FLUSH_EVERY_WRITES) {
+            let flusher = writer.clone();
+            in_flight.spawn_local(async move { flusher.flush().await.expect("flush completes") });
+        }
+    }
+    while let Some(done) = in_flight.join_next().await {
+        done.unwrap();
+    }
+    writer.flush().await.expect("final flush completes");
+}
+
+/// Runs the workload at queue depth 32 from this thread, through the
+/// volume's channel.
 fn run_workload(volume: Arc<Volume>, writes: &[Write], midway: impl FnOnce()) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let workload = async {
-        let mut in_flight = tokio::task::JoinSet::new();
-        let mut midway = Some(midway);
-        for (index, write) in writes.iter().copied().enumerate() {
-            while in_flight.len() >= QUEUE_DEPTH {
-                in_flight.join_next().await.unwrap().unwrap();
-            }
-            if index == writes.len() / 3 {
-                (midway.take().unwrap())();
-            }
-            let writer = volume.clone();
-            in_flight.spawn(async move {
-                let data = fill(write.tag, write.blocks);
-                let fua = write.tag % 97 == 0;
-                writer
-                    .write(write.offset_bytes, data, fua)
-                    .await
-                    .expect("write completes");
-            });
-            if (index as u64 + 1).is_multiple_of(FLUSH_EVERY_WRITES) {
-                let flusher = volume.clone();
-                in_flight.spawn(async move { flusher.flush().await.expect("flush completes") });
-            }
-        }
-        while let Some(done) = in_flight.join_next().await {
-            done.unwrap();
-        }
-        volume.flush().await.expect("final flush completes");
-    };
-    runtime.block_on(async {
+    let workload = drive(volume, writes.to_vec(), midway);
+    tokio::task::LocalSet::new().block_on(&runtime, async {
         tokio::time::timeout(WORKLOAD_TIMEOUT, workload)
             .await
             .unwrap_or_else(|_| panic!("the workload did not finish within {WORKLOAD_TIMEOUT:?}"))
@@ -175,31 +182,7 @@ fn run_hosted_workload(volume: &Volume, writes: &[Write]) {
     volume
         .host(Box::new(move |local| {
             Box::pin(async move {
-                let mut in_flight = tokio::task::JoinSet::new();
-                for (index, write) in writes.into_iter().enumerate() {
-                    while in_flight.len() >= QUEUE_DEPTH {
-                        in_flight.join_next().await.unwrap().unwrap();
-                    }
-                    let writer = local.clone();
-                    in_flight.spawn_local(async move {
-                        let data = fill(write.tag, write.blocks);
-                        let fua = write.tag % 97 == 0;
-                        writer
-                            .write(write.offset_bytes, data, fua)
-                            .await
-                            .expect("write completes");
-                    });
-                    if (index as u64 + 1).is_multiple_of(FLUSH_EVERY_WRITES) {
-                        let flusher = local.clone();
-                        in_flight.spawn_local(async move {
-                            flusher.flush().await.expect("flush completes")
-                        });
-                    }
-                }
-                while let Some(joined) = in_flight.join_next().await {
-                    joined.unwrap();
-                }
-                local.flush().await.expect("final flush completes");
+                drive(local, writes, || {}).await;
                 let _ = done.send(());
             })
         }))

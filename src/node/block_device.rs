@@ -20,7 +20,6 @@
 
 use std::cell::RefCell;
 use std::fs::File;
-use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -30,52 +29,9 @@ use std::sync::Arc;
 use replblk_ublk::{Errno, RequestBuffer, Target};
 
 use super::error::NodeError;
-use super::volume::{HostedJob, LocalVolume, Volume, VolumeError};
+use super::volume::{HostedJob, Replicate, Volume, VolumeError};
 use crate::buf::{AlignedBuf, SharedBuf};
 use crate::config::Config;
-
-/// How a target hands writes and flushes to the engine: through the
-/// channel from a queue thread ([`Volume`]), or by a call on the engine's
-/// own thread ([`LocalVolume`]).
-pub trait Replicate: 'static {
-    /// As [`Volume::write`].
-    fn write(
-        &self,
-        offset_bytes: u64,
-        data: SharedBuf,
-        fua: bool,
-    ) -> impl Future<Output = Result<(), VolumeError>>;
-    /// As [`Volume::flush`].
-    fn flush(&self) -> impl Future<Output = Result<(), VolumeError>>;
-}
-
-impl Replicate for Arc<Volume> {
-    fn write(
-        &self,
-        offset_bytes: u64,
-        data: SharedBuf,
-        fua: bool,
-    ) -> impl Future<Output = Result<(), VolumeError>> {
-        Volume::write(self, offset_bytes, data, fua)
-    }
-    fn flush(&self) -> impl Future<Output = Result<(), VolumeError>> {
-        Volume::flush(self)
-    }
-}
-
-impl Replicate for LocalVolume {
-    fn write(
-        &self,
-        offset_bytes: u64,
-        data: SharedBuf,
-        fua: bool,
-    ) -> impl Future<Output = Result<(), VolumeError>> {
-        LocalVolume::write(self, offset_bytes, data, fua)
-    }
-    fn flush(&self) -> impl Future<Output = Result<(), VolumeError>> {
-        LocalVolume::flush(self)
-    }
-}
 
 /// The volume as a ublk target.
 pub struct VolumeTarget<V> {

@@ -15,6 +15,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use thiserror::Error;
@@ -311,5 +312,49 @@ impl LocalVolume {
         let (reply, done) = oneshot::channel();
         self.engine.submit(Command::Flush { reply })?;
         done.await.map_err(|_| VolumeError::Stopped)?
+    }
+}
+
+/// Writes and flushes through the volume API from either side of it: over
+/// the channel from any thread ([`Volume`], shared as an `Arc`), or by a
+/// call on the engine's own thread ([`LocalVolume`]). For code that serves
+/// or drives the volume from both, such as the block device's queues.
+pub trait Replicate: 'static {
+    /// As [`Volume::write`].
+    fn write(
+        &self,
+        offset_bytes: u64,
+        data: SharedBuf,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), VolumeError>>;
+    /// As [`Volume::flush`].
+    fn flush(&self) -> impl Future<Output = Result<(), VolumeError>>;
+}
+
+impl Replicate for Arc<Volume> {
+    fn write(
+        &self,
+        offset_bytes: u64,
+        data: SharedBuf,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), VolumeError>> {
+        Volume::write(self, offset_bytes, data, fua)
+    }
+    fn flush(&self) -> impl Future<Output = Result<(), VolumeError>> {
+        Volume::flush(self)
+    }
+}
+
+impl Replicate for LocalVolume {
+    fn write(
+        &self,
+        offset_bytes: u64,
+        data: SharedBuf,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), VolumeError>> {
+        LocalVolume::write(self, offset_bytes, data, fua)
+    }
+    fn flush(&self) -> impl Future<Output = Result<(), VolumeError>> {
+        LocalVolume::flush(self)
     }
 }

@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
@@ -48,7 +49,7 @@ use tokio::task::{JoinSet, LocalSet};
 use replblk::buf::{AlignedBuf, SharedBuf};
 use replblk::config::ReplicationConfig;
 use replblk::node::local_cluster::{LocalCluster, PRIMARY_NODE_ID};
-use replblk::node::volume::{LocalVolume, Volume};
+use replblk::node::volume::{Replicate, Volume};
 
 /// Size of the volume, and of the local baseline file.
 const VOLUME_BYTES: u64 = 1 << 30;
@@ -197,22 +198,11 @@ impl Target for LocalFile {
     }
 }
 
-/// A replicated volume through the volume API.
-struct ReplicatedVolume(Rc<Volume>);
+/// A replicated volume through the volume API: over the channel
+/// (`Arc<Volume>`) or on the engine's thread (`LocalVolume`).
+struct ReplicatedVolume<R>(R);
 
-impl Target for ReplicatedVolume {
-    async fn write(&self, offset_bytes: u64, data: SharedBuf) -> anyhow::Result<()> {
-        self.0
-            .write(offset_bytes, data, false)
-            .await
-            .with_context(|| format!("writing the volume at {offset_bytes}"))
-    }
-}
-
-/// A replicated volume through the volume API, on the engine's thread.
-struct HostedVolume(LocalVolume);
-
-impl Target for HostedVolume {
+impl<R: Replicate> Target for ReplicatedVolume<R> {
     async fn write(&self, offset_bytes: u64, data: SharedBuf) -> anyhow::Result<()> {
         self.0
             .write(offset_bytes, data, false)
@@ -463,7 +453,7 @@ fn bench_volume(
     cluster
         .start_secondaries()
         .map_err(|e| anyhow!("{name}: starting the secondaries: {e}"))?;
-    let volume = Rc::new(
+    let volume = Arc::new(
         Volume::start(cluster.config(), PRIMARY_NODE_ID)
             .with_context(|| format!("{name}: starting the primary"))?,
     );
@@ -484,7 +474,7 @@ fn bench_volume(
                 volume
                     .host(Box::new(move |local| {
                         Box::pin(async move {
-                            let target = Rc::new(HostedVolume(local));
+                            let target = Rc::new(ReplicatedVolume(local));
                             let result = run_workload(target, workload, seconds, interrupted);
                             let _ = sender.send(result.await);
                         })
@@ -508,7 +498,7 @@ fn bench_volume(
             .map_err(|e| anyhow!("{name}: after {}: {e}", workload.name))?;
     }
     drop(target);
-    Rc::into_inner(volume)
+    Arc::into_inner(volume)
         .expect("the benchmark holds the only handle to the volume")
         .stop()
         .with_context(|| format!("{name}: stopping the primary"))?;
