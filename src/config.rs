@@ -147,7 +147,8 @@ pub struct DeviceConfig {
     /// N of `/dev/ublkbN`; absent, the driver picks one and the primary
     /// records it under `/run/replblk` so a restart finds it again.
     pub device_id: Option<u32>,
-    /// Hardware queues, each served by a thread of the primary.
+    /// Hardware queues: the first is served on the engine's thread, each
+    /// further one by a thread of its own.
     pub queues: u16,
     /// Requests in flight per queue.
     pub queue_depth: u16,
@@ -169,7 +170,7 @@ impl Default for DeviceConfig {
 
 /// Largest queue depth of a ublk queue (the driver's limit).
 pub const DEVICE_QUEUE_DEPTH_MAX: u16 = 4096;
-/// Most ublk queues we accept: one thread each.
+/// Most ublk queues we accept: one thread each after the first.
 pub const DEVICE_QUEUES_MAX: u16 = 64;
 
 /// `[[node]]`.
