@@ -15,7 +15,6 @@ use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::{TcpListener, TcpStream};
 
 use super::error::NodeError;
-use crate::buf::AlignedBuf;
 use crate::buf::RecordRef;
 use crate::config::{Config, NodeConfig};
 use crate::core::secondary::{
@@ -834,9 +833,6 @@ impl Node {
 /// crc reuses `data_crc32` (the frame check computed it) rather than
 /// reading the payload again.
 fn build_record(header: &UpdateHeader, data: &[u8], data_crc32: u32) -> RecordRef {
-    let size = wal::record_size_bytes(header.length_bytes) as usize;
-    let mut buf = AlignedBuf::zeroed_around(size, RECORD_PAYLOAD_OFFSET_BYTES, data);
-    let head = &mut buf.as_mut_slice()[..RECORD_PAYLOAD_OFFSET_BYTES];
     let record = RecordHeader {
         seq: header.seq,
         epoch: header.epoch,
@@ -848,10 +844,10 @@ fn build_record(header: &UpdateHeader, data: &[u8], data_crc32: u32) -> RecordRe
             0
         },
     };
-    debug_assert_eq!(data_crc32, crate::proto::data_crc32(data));
-    record.encode_with_payload_crc(data_crc32, header.length_bytes, head);
     RecordRef {
-        buf: Rc::new(buf),
+        buf: Rc::new(wal::build_record_with_payload_crc(
+            &record, data, data_crc32,
+        )),
         length_bytes: header.length_bytes,
     }
 }

@@ -555,10 +555,25 @@ impl RecordHeader {
 /// Lays out one record (header, payload, zero padding) in a fresh aligned
 /// buffer ready for an O_DIRECT write. Copies the payload once.
 pub fn build_record(header: &RecordHeader, payload: &[u8]) -> AlignedBuf {
+    build_record_with_payload_crc(header, payload, crc32fast::hash(payload))
+}
+
+/// As [`build_record`], with the payload's crc32 already known (the frame
+/// check computed it), so the payload is read only by the copy.
+pub fn build_record_with_payload_crc(
+    header: &RecordHeader,
+    payload: &[u8],
+    payload_crc: u32,
+) -> AlignedBuf {
+    debug_assert_eq!(payload_crc, crc32fast::hash(payload));
     let size = usize::try_from(header.size_bytes()).expect("record size fits in memory");
     let mut buf = AlignedBuf::zeroed_around(size, RECORD_PAYLOAD_OFFSET_BYTES, payload);
-    let (head, rest) = buf.as_mut_slice().split_at_mut(RECORD_PAYLOAD_OFFSET_BYTES);
-    header.encode(&rest[..payload.len()], head);
+    let length = u32::try_from(payload.len()).expect("a record payload fits in u32");
+    header.encode_with_payload_crc(
+        payload_crc,
+        length,
+        &mut buf.as_mut_slice()[..RECORD_PAYLOAD_OFFSET_BYTES],
+    );
     buf
 }
 
