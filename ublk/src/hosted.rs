@@ -3,8 +3,8 @@
 //!
 //! A queue served on a thread of its own hands every request to the
 //! target's thread (replblk's engine) and gets the completion back: two
-//! wake-ups of another thread per request, which on two shared cores (or
-//! under an emulator) cost more than the write itself. A hosted queue is
+//! wake-ups of another thread per request, which in replblk's test VM
+//! cost more than a whole write of libublk's loop example. A hosted queue is
 //! served on the target's thread instead. Its ring is still libublk's (one
 //! per thread, thread-local), but nobody sleeps in it: the host's tokio
 //! runtime polls the ring's file descriptor like any other, the queue's
@@ -32,7 +32,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
-use crate::queue::{serve_tag, suppress_partition_scan};
+use crate::queue::{serve_tag_until_down, suppress_partition_scan};
 use crate::target::Target;
 
 /// A queue of a device being started, handed to a host to serve (see the
@@ -41,8 +41,9 @@ use crate::target::Target;
 pub struct HostedQueue {
     queue_id: u16,
     dev: Arc<UblkDev>,
-    /// The serving thread's id, for libublk's record of the queue.
-    thread_ids: mpsc::Sender<(u16, libc::pid_t)>,
+    /// Where the serving thread's id goes, for libublk's record of the
+    /// queue; taken when sent, since `run` counts the reports.
+    thread_ids: Option<mpsc::Sender<(u16, libc::pid_t)>>,
     /// Dropped when the queue is done: the device's `run` waits for it.
     _finished: mpsc::Sender<()>,
     /// Set once the host took the queue up, so `run` can tell an unserved
@@ -69,17 +70,12 @@ impl HostedQueue {
         let queue = HostedQueue {
             queue_id,
             dev,
-            thread_ids,
+            thread_ids: Some(thread_ids),
             _finished: finished_sender,
             served: served.clone(),
             reported: false,
         };
         (queue, HostedQueueWatch { finished, served })
-    }
-
-    /// Which queue this is.
-    pub fn queue_id(&self) -> u16 {
-        self.queue_id
     }
 
     /// Serves the queue until the device stops. Must be awaited to its end
@@ -91,12 +87,13 @@ impl HostedQueue {
         self.served.store(true, Ordering::SeqCst);
         let queue_id = self.queue_id;
         let tid = UblkCtrl::init_queue_thread();
-        // Sent once, and the sender dropped: `run` counts the reports.
-        let thread_ids = std::mem::replace(&mut self.thread_ids, mpsc::channel().0);
-        if thread_ids.send((queue_id, tid)).is_err() {
+        let sent = self
+            .thread_ids
+            .take()
+            .is_some_and(|thread_ids| thread_ids.send((queue_id, tid)).is_ok());
+        if !sent {
             return;
         }
-        drop(thread_ids);
         suppress_partition_scan(queue_id);
         let dev = self.dev.clone();
         let queue = match UblkQueue::new(queue_id, &dev) {
@@ -131,10 +128,7 @@ impl HostedQueue {
             .map(|tag| {
                 let target = target.clone();
                 let task = async move {
-                    match serve_tag(queue, tag, &*target, capacity_bytes, size_bytes).await {
-                        Ok(()) | Err(UblkError::QueueIsDown) => {}
-                        Err(error) => tracing::error!(queue_id, tag, %error, "ublk: tag stopped"),
-                    }
+                    serve_tag_until_down(queue, tag, &*target, capacity_bytes, size_bytes).await
                 };
                 executor.spawn(Submits {
                     future: Box::pin(task),

@@ -62,10 +62,7 @@ pub(crate) fn serve<T: Target>(queue_id: u16, dev: &UblkDev, target: Arc<T>) {
         let queue = queue.clone();
         let target = target.clone();
         let task = async move {
-            match serve_tag(&queue, tag, &*target, capacity_bytes, size_bytes).await {
-                Ok(()) | Err(UblkError::QueueIsDown) => {}
-                Err(error) => tracing::error!(queue_id, tag, %error, "ublk: tag stopped"),
-            }
+            serve_tag_until_down(&queue, tag, &*target, capacity_bytes, size_bytes).await
         };
         tasks.push(executor.spawn(Notified::new(task, notifier.clone())));
     }
@@ -133,7 +130,23 @@ fn decode(iod: &sys::ublksrv_io_desc) -> Request {
     }
 }
 
-pub(crate) async fn serve_tag<T: Target>(
+/// Serves tag `tag` until the queue goes down; any other end is logged.
+pub(crate) async fn serve_tag_until_down<T: Target>(
+    queue: &UblkQueue<'_>,
+    tag: u16,
+    target: &T,
+    capacity_bytes: usize,
+    size_bytes: u64,
+) {
+    match serve_tag(queue, tag, target, capacity_bytes, size_bytes).await {
+        Ok(()) | Err(UblkError::QueueIsDown) => {}
+        Err(error) => {
+            tracing::error!(queue_id = queue.get_qid(), tag, %error, "ublk: tag stopped")
+        }
+    }
+}
+
+async fn serve_tag<T: Target>(
     queue: &UblkQueue<'_>,
     tag: u16,
     target: &T,
