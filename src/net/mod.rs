@@ -8,7 +8,9 @@ mod reader;
 
 pub use outbox::{OutBuf, Outbox};
 pub use query::query_log_state;
-pub use reader::{FrameReader, NetError};
+pub use reader::{
+    DirectUpdates, FrameReader, NetError, DIRECT_FRAME_MIN_BYTES, SHARED_READ_BYTES_MAX,
+};
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -6,9 +6,10 @@ use thiserror::Error;
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
+use crate::buf::{BufPool, PooledBuf};
 use crate::proto::{
-    decode_frame_with_data_crc, frame_length, Frame, ProtoError, FRAME_BODY_MAX_BYTES,
-    FRAME_HEADER_SIZE_BYTES,
+    decode_frame_with_data_crc, frame_length, Frame, FrameHeader, FrameKind, ProtoError,
+    FRAME_BODY_MAX_BYTES, FRAME_HEADER_SIZE_BYTES, UPDATE_FIXED_SIZE_BYTES,
 };
 
 /// Why a connection stopped yielding frames.
@@ -42,6 +43,56 @@ pub enum NetError {
 /// frames' headers, so a large update never needs a second buffer.
 pub const READ_BUFFER_BYTES: usize = FRAME_HEADER_SIZE_BYTES + FRAME_BODY_MAX_BYTES + 64 * 1024;
 
+/// With [`DirectUpdates`]: Update frames at least this long are received
+/// straight into a buffer of their own rather than the shared one.
+pub const DIRECT_FRAME_MIN_BYTES: usize = 64 * 1024;
+
+/// With [`DirectUpdates`]: most bytes one read into the shared buffer asks
+/// for. Whatever part of a large frame such a read takes in is copied once
+/// into the frame's own buffer, so the smaller the read, the less is copied;
+/// small frames still arrive many to a read.
+pub const SHARED_READ_BYTES_MAX: usize = 64 * 1024;
+
+/// Bytes between an Update frame's start and its data: the frame header and
+/// the Update's fixed fields.
+const UPDATE_DATA_AT_BYTES: usize = FRAME_HEADER_SIZE_BYTES + UPDATE_FIXED_SIZE_BYTES;
+
+/// Where a reader puts large Update frames: each in a buffer of its own from
+/// `pool`, laid out so that the data lands at `data_offset_bytes`, the frame's
+/// header and fixed fields just in front of it. A secondary asks for its log
+/// record's layout, so the data is received where the record needs it and
+/// never copied in user space.
+pub struct DirectUpdates {
+    /// Where the buffers come from.
+    pub pool: Rc<BufPool>,
+    /// Offset of the data in a buffer; at least the 56 bytes in front of an
+    /// Update's data.
+    pub data_offset_bytes: usize,
+    /// Length of the buffer for an Update with this many bytes of data.
+    pub buffer_len_bytes: fn(u32) -> usize,
+}
+
+/// A large Update frame being received into its own buffer.
+struct DirectFrame {
+    buf: PooledBuf,
+    /// Where the frame starts in `buf`.
+    frame_at: usize,
+    /// The frame's whole length.
+    frame_len: usize,
+    /// How many of its bytes are in `buf` so far.
+    received: usize,
+}
+
+impl DirectFrame {
+    fn bytes(&self) -> &[u8] {
+        &self.buf.buf().as_slice()[self.frame_at..self.frame_at + self.received]
+    }
+
+    fn is_whole(&self) -> bool {
+        self.received == self.frame_len
+    }
+}
+
 /// Yields frames from a stream. Frames borrow the reader's buffer, so a
 /// frame must be consumed before the next read.
 pub struct FrameReader {
@@ -50,6 +101,10 @@ pub struct FrameReader {
     buffer: Option<Vec<u8>>,
     start: usize,
     end: usize,
+    direct_updates: Option<DirectUpdates>,
+    /// The front frame, when it is received into its own buffer. The shared
+    /// buffer is empty meanwhile: every byte of it belonged to this frame.
+    direct: Option<DirectFrame>,
 }
 
 impl FrameReader {
@@ -61,6 +116,32 @@ impl FrameReader {
             buffer: Some(vec![0; READ_BUFFER_BYTES]),
             start: 0,
             end: 0,
+            direct_updates: None,
+            direct: None,
+        }
+    }
+
+    /// A reader that receives Update frames of [`DIRECT_FRAME_MIN_BYTES`] or
+    /// more into buffers of their own, as `direct_updates` says (take one with
+    /// [`FrameReader::take_direct_buffer`]). Its shared buffer holds only the
+    /// smaller frames.
+    pub fn with_direct_updates(
+        stream: Rc<TcpStream>,
+        peer: String,
+        direct_updates: DirectUpdates,
+    ) -> FrameReader {
+        assert!(
+            direct_updates.data_offset_bytes >= UPDATE_DATA_AT_BYTES,
+            "an Update's header must fit in front of its data"
+        );
+        FrameReader {
+            stream,
+            peer,
+            buffer: Some(vec![0; DIRECT_FRAME_MIN_BYTES + SHARED_READ_BYTES_MAX]),
+            start: 0,
+            end: 0,
+            direct_updates: Some(direct_updates),
+            direct: None,
         }
     }
 
@@ -74,8 +155,11 @@ impl FrameReader {
     }
 
     /// True when a whole frame (or a malformed one) is already buffered, so
-    /// [`FrameReader::next_frame`] will not wait on the socket.
+    /// [`FrameReader::fill`] will not wait on the socket.
     pub fn has_frame(&self) -> bool {
+        if let Some(direct) = &self.direct {
+            return direct.is_whole();
+        }
         match frame_length(self.buffered()) {
             Ok(_) => true,
             Err(error) => !error.is_truncated(),
@@ -87,6 +171,13 @@ impl FrameReader {
     /// body and checks the crc, so each frame's bytes are hashed once.
     pub async fn fill(&mut self) -> Result<(), NetError> {
         loop {
+            if let Some(direct) = &self.direct {
+                if direct.is_whole() {
+                    return Ok(());
+                }
+                self.read_direct().await?;
+                continue;
+            }
             match frame_length(self.buffered()) {
                 Ok(_) => return Ok(()),
                 Err(error) if !error.is_truncated() => {
@@ -95,9 +186,81 @@ impl FrameReader {
                         source: error,
                     })
                 }
-                Err(_) => self.read_more().await?,
+                Err(_) => {
+                    if !self.start_direct() {
+                        self.read_more().await?;
+                    }
+                }
             }
         }
+    }
+
+    /// Moves the front frame to a buffer of its own if it is a large Update
+    /// and this reader receives those directly. The header was validated by
+    /// `frame_length` already.
+    fn start_direct(&mut self) -> bool {
+        let Some(direct_updates) = &self.direct_updates else {
+            return false;
+        };
+        let buffered = self.buffered();
+        let Some(header_bytes) = buffered.first_chunk::<FRAME_HEADER_SIZE_BYTES>() else {
+            return false;
+        };
+        let Ok(header) = FrameHeader::decode(header_bytes) else {
+            return false;
+        };
+        if header.kind != FrameKind::Update || header.frame_len() < DIRECT_FRAME_MIN_BYTES {
+            return false;
+        }
+        let data_len = header.frame_len() - UPDATE_DATA_AT_BYTES;
+        let data_len = u32::try_from(data_len).expect("a frame's data fits in u32");
+        let buffer_len = (direct_updates.buffer_len_bytes)(data_len);
+        let frame_at = direct_updates.data_offset_bytes - UPDATE_DATA_AT_BYTES;
+        assert!(
+            frame_at + header.frame_len() <= buffer_len,
+            "a direct buffer of {buffer_len} bytes holds a frame of {} at {frame_at}",
+            header.frame_len()
+        );
+        let mut buf = direct_updates.pool.take(buffer_len);
+        let received = buffered.len();
+        debug_assert!(received < header.frame_len(), "only a partial frame moves");
+        buf.buf_mut().as_mut_slice()[frame_at..frame_at + received].copy_from_slice(buffered);
+        self.start = 0;
+        self.end = 0;
+        self.direct = Some(DirectFrame {
+            buf,
+            frame_at,
+            frame_len: header.frame_len(),
+            received,
+        });
+        true
+    }
+
+    /// Reads more of the direct frame, never past its end, so the next
+    /// frame's bytes go to the shared buffer.
+    async fn read_direct(&mut self) -> Result<(), NetError> {
+        let direct = self
+            .direct
+            .take()
+            .expect("a direct frame is being received");
+        let from = direct.frame_at + direct.received;
+        let to = direct.frame_at + direct.frame_len;
+        let (result, slice) = self.stream.read(direct.buf.slice(from..to)).await;
+        let read = result.map_err(|source| NetError::Io {
+            peer: self.peer.clone(),
+            source,
+        })?;
+        if read == 0 {
+            return Err(NetError::Closed {
+                peer: self.peer.clone(),
+            });
+        }
+        self.direct = Some(DirectFrame {
+            buf: slice.into_inner(),
+            received: direct.received + read,
+            ..direct
+        });
+        Ok(())
     }
 
     async fn read_more(&mut self) -> Result<(), NetError> {
@@ -108,7 +271,12 @@ impl FrameReader {
             self.end -= self.start;
             self.start = 0;
         }
-        let (result, slice) = self.stream.read(buffer.slice(self.end..)).await;
+        let read_end = if self.direct_updates.is_some() {
+            buffer.len().min(self.end + SHARED_READ_BYTES_MAX)
+        } else {
+            buffer.len()
+        };
+        let (result, slice) = self.stream.read(buffer.slice(self.end..read_end)).await;
         self.buffer = Some(slice.into_inner());
         let read = result.map_err(|source| NetError::Io {
             peer: self.peer.clone(),
@@ -132,14 +300,38 @@ impl FrameReader {
 
     /// As [`FrameReader::frame`], with the crc32 of an Update's data alone.
     pub fn frame_with_data_crc(&self) -> Result<(Frame<'_>, usize, Option<u32>), NetError> {
-        decode_frame_with_data_crc(self.buffered()).map_err(|source| NetError::Proto {
+        let bytes = match &self.direct {
+            Some(direct) => direct.bytes(),
+            None => self.buffered(),
+        };
+        decode_frame_with_data_crc(bytes).map_err(|source| NetError::Proto {
             peer: self.peer.clone(),
             source,
         })
     }
 
+    /// True when the front frame was received into a buffer of its own,
+    /// which [`FrameReader::take_direct_buffer`] hands over.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// Consumes the front frame, received into a buffer of its own, and
+    /// hands that buffer over: the frame's data is at the `data_offset_bytes`
+    /// the reader was made with. Call only after the frame was decoded
+    /// (its crc checked) with [`FrameReader::frame_with_data_crc`].
+    pub fn take_direct_buffer(&mut self) -> Option<PooledBuf> {
+        let direct = self.direct.take()?;
+        assert!(direct.is_whole(), "only a whole frame is handed over");
+        Some(direct.buf)
+    }
+
     /// Drops `length` bytes of frame from the front of the buffer.
     pub fn consume(&mut self, length: usize) {
+        if let Some(direct) = self.direct.take() {
+            assert_eq!(length, direct.frame_len, "consuming the direct frame whole");
+            return;
+        }
         debug_assert!(self.start + length <= self.end);
         self.start += length;
         if self.start == self.end {
@@ -172,12 +364,12 @@ mod tests {
         bytes
     }
 
-    /// Small and large frames mixed, sent in pieces that cut frames
-    /// anywhere (so the buffer fills up mid-frame and its partial frame
-    /// moves to the front): every frame comes out whole, in order, with its
-    /// bytes.
-    #[test]
-    fn mixed_small_and_large_frames_cut_anywhere_come_out_whole_and_in_order() {
+    /// Sends `stream` in pieces that cut frames anywhere (so the buffer
+    /// fills up mid-frame and its partial frame moves to the front) and
+    /// checks every frame comes out whole, in order, with its bytes: through
+    /// the shared buffer, or with `direct` set, the large Updates through
+    /// buffers of their own with the data at the asked offset.
+    fn frames_come_out_whole(direct: bool) {
         let lengths = [
             4096,
             1 << 20,
@@ -189,6 +381,8 @@ mod tests {
             (64 << 10) - 512,
             1 << 20,
             4096,
+            (64 << 10) - UPDATE_DATA_AT_BYTES,
+            (64 << 10) - UPDATE_DATA_AT_BYTES - 1,
         ];
         let frames: Vec<Vec<u8>> = lengths
             .iter()
@@ -196,6 +390,7 @@ mod tests {
             .map(|(index, &length)| update(index as u64 + 1, length))
             .collect();
         let stream: Vec<u8> = frames.concat();
+        let pool = BufPool::new(8 << 20);
         tokio_uring::start(async move {
             let listener =
                 tokio_uring::net::TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -215,23 +410,99 @@ mod tests {
                 }
             });
             let (connection, _) = listener.accept().await.unwrap();
-            let mut reader = FrameReader::new(Rc::new(connection), "test".into());
+            let connection = Rc::new(connection);
+            const DATA_AT: usize = 64;
+            let mut reader = if direct {
+                FrameReader::with_direct_updates(
+                    connection,
+                    "test".into(),
+                    DirectUpdates {
+                        pool: pool.clone(),
+                        data_offset_bytes: DATA_AT,
+                        buffer_len_bytes: |length| {
+                            (DATA_AT + length as usize).next_multiple_of(4096)
+                        },
+                    },
+                )
+            } else {
+                FrameReader::new(connection, "test".into())
+            };
             for (index, expected) in frames.iter().enumerate() {
                 reader.fill().await.unwrap();
+                assert!(reader.has_frame());
                 let (frame, length, data_crc) = reader.frame_with_data_crc().unwrap();
                 assert_eq!(length, expected.len(), "frame {index}'s length");
-                match frame {
+                let data = match frame {
                     Frame::Update { header, data } => {
                         assert_eq!(header.seq, index as u64 + 1);
                         assert_eq!(data, &expected[expected.len() - data.len()..]);
                         assert_eq!(data_crc, Some(data_crc32(data)));
+                        data.to_vec()
                     }
                     other => panic!("frame {index} decoded as {:?}", other.kind()),
+                };
+                let large = length >= DIRECT_FRAME_MIN_BYTES;
+                assert_eq!(reader.is_direct(), direct && large, "frame {index}");
+                if reader.is_direct() {
+                    let buf = reader.take_direct_buffer().unwrap();
+                    let bytes = buf.buf().as_slice();
+                    assert_eq!(bytes.len(), (DATA_AT + data.len()).next_multiple_of(4096));
+                    assert_eq!(&bytes[DATA_AT..DATA_AT + data.len()], &data[..]);
+                } else {
+                    reader.consume(length);
                 }
-                reader.consume(length);
             }
             assert!(!reader.has_frame(), "nothing after the last frame");
             sender.await.unwrap();
         });
+    }
+
+    /// A large Update with one bit of its data flipped, received directly:
+    /// refused as a bad crc.
+    #[test]
+    fn a_large_update_received_directly_with_a_flipped_bit_is_refused() {
+        let mut frame = update(1, 1 << 20);
+        frame[UPDATE_DATA_AT_BYTES + 1000] ^= 0x10;
+        tokio_uring::start(async move {
+            let listener =
+                tokio_uring::net::TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let address = listener.local_addr().unwrap();
+            let sender = tokio_uring::spawn(async move {
+                let connection = tokio_uring::net::TcpStream::connect(address).await.unwrap();
+                let (result, _) = connection.write_all(frame).await;
+                result.unwrap();
+                connection
+            });
+            let (connection, _) = listener.accept().await.unwrap();
+            let mut reader = FrameReader::with_direct_updates(
+                Rc::new(connection),
+                "test".into(),
+                DirectUpdates {
+                    pool: BufPool::new(4 << 20),
+                    data_offset_bytes: UPDATE_DATA_AT_BYTES,
+                    buffer_len_bytes: |length| UPDATE_DATA_AT_BYTES + length as usize,
+                },
+            );
+            reader.fill().await.unwrap();
+            assert!(reader.is_direct());
+            match reader.frame_with_data_crc() {
+                Err(NetError::Proto {
+                    source: ProtoError::BadCrc { .. },
+                    ..
+                }) => {}
+                other => panic!("expected a bad crc, got {:?}", other.map(|f| f.1)),
+            }
+            drop(sender.await.unwrap());
+        });
+    }
+
+    #[test]
+    fn mixed_small_and_large_frames_cut_anywhere_come_out_whole_and_in_order() {
+        frames_come_out_whole(false);
+    }
+
+    #[test]
+    fn large_updates_received_directly_come_out_whole_and_in_order_with_the_small_ones() {
+        frames_come_out_whole(true);
     }
 }

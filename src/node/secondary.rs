@@ -15,12 +15,12 @@ use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::{TcpListener, TcpStream};
 
 use super::error::NodeError;
-use crate::buf::RecordRef;
+use crate::buf::{BufPool, PooledBuf, RecordRef, POOL_IDLE_BYTES_MAX};
 use crate::config::{Config, NodeConfig};
 use crate::core::secondary::{
     Action, IncomingUpdate, LogPosition, Offer, RecoveredRecord, Secondary, SecondaryLimits,
 };
-use crate::net::{FrameReader, Outbox};
+use crate::net::{DirectUpdates, FrameReader, Outbox};
 use crate::proto::{
     ErrorCode, ErrorFrame, Frame, Hello, LogState, Role, UpdateHeader, PROTOCOL_VERSION,
     UPDATE_DATA_MAX_BYTES, UPDATE_FLAG_FUA,
@@ -44,6 +44,8 @@ struct Node {
     log: RefCell<LogFile>,
     log_direct: Rc<tokio_uring::fs::File>,
     copy: Rc<tokio_uring::fs::File>,
+    /// Record buffers, reused.
+    records: Rc<BufPool>,
     /// The primary session being served: its number and its outbox.
     session: RefCell<Option<(u64, Rc<Outbox>)>>,
     sessions_started: Cell<u64>,
@@ -94,6 +96,7 @@ pub fn run(config: &Config, node_id: u32) -> Result<(), NodeError> {
             log: RefCell::new(log),
             log_direct: Rc::new(tokio_uring::fs::File::from_std(log_direct)),
             copy: Rc::new(tokio_uring::fs::File::from_std(copy)),
+            records: BufPool::new(POOL_IDLE_BYTES_MAX),
             session: RefCell::new(None),
             sessions_started: Cell::new(0),
             space: Notify::new(),
@@ -266,7 +269,16 @@ impl Node {
     async fn session(self: &Rc<Self>, stream: TcpStream, peer: String) {
         let stream = Rc::new(stream);
         let outbox = Outbox::start(stream.clone(), peer.clone());
-        let mut reader = FrameReader::new(stream, peer.clone());
+        // Large updates arrive straight in their log record's buffer.
+        let mut reader = FrameReader::with_direct_updates(
+            stream,
+            peer.clone(),
+            DirectUpdates {
+                pool: self.records.clone(),
+                data_offset_bytes: RECORD_PAYLOAD_OFFSET_BYTES,
+                buffer_len_bytes: record_buffer_len_bytes,
+            },
+        );
         let result = self.handshake(&mut reader, &outbox).await;
         let (role, window) = match result {
             Ok(accepted) => accepted,
@@ -473,8 +485,14 @@ impl Node {
                     Frame::Update { header, data } => {
                         updates_started = true;
                         let data_crc32 = data_crc32.expect("an Update's data crc");
-                        let record = build_record(&header, data, data_crc32);
-                        reader.consume(length);
+                        let record = if reader.is_direct() {
+                            let buf = reader.take_direct_buffer().expect("a direct frame");
+                            complete_record(&header, buf, data_crc32)
+                        } else {
+                            let record = build_record(&self.records, &header, data, data_crc32);
+                            reader.consume(length);
+                            record
+                        };
                         self.offer(header, record, outbox).await?;
                     }
                     Frame::AllAcked { seq } => {
@@ -733,10 +751,10 @@ impl Node {
         let ring_len = self.log.borrow().ring_len_bytes();
         let mut batch: Vec<(u64, u64, RecordRef)> = Vec::new();
         for write in writes {
-            let size = write.2.buf.len() as u64;
+            let size = write.2.len() as u64;
             let adjacent = batch
                 .last()
-                .is_some_and(|(_, offset, record)| offset + record.buf.len() as u64 == write.1);
+                .is_some_and(|(_, offset, record)| offset + record.len() as u64 == write.1);
             if !adjacent || batch.len() == RECORD_WRITE_BATCH_MAX {
                 self.spawn_batch(std::mem::take(&mut batch), ring_len);
             }
@@ -800,7 +818,7 @@ impl Node {
         let file_offset = LogFile::ring_file_offset(ring_offset);
         if batch.len() == 1 {
             let record = batch.into_iter().next().expect("one record").2;
-            let size = record.buf.len() as u64;
+            let size = record.len() as u64;
             let (first, second) = wal::split_at_wrap(ring_offset, size, ring_len);
             let (result, record) = self
                 .log_direct
@@ -818,7 +836,7 @@ impl Node {
             return Ok(());
         }
         let buffers: Vec<RecordRef> = batch.into_iter().map(|(_, _, record)| record).collect();
-        let size: u64 = buffers.iter().map(|record| record.buf.len() as u64).sum();
+        let size: u64 = buffers.iter().map(|record| record.len() as u64).sum();
         assert!(ring_offset + size <= ring_len, "a merged write never wraps");
         let (result, _) = self
             .log_direct
@@ -828,12 +846,9 @@ impl Node {
     }
 }
 
-/// Builds the log record for an update: the payload copied once from the
-/// receive buffer into an aligned buffer, behind its record header, whose
-/// crc reuses `data_crc32` (the frame check computed it) rather than
-/// reading the payload again.
-fn build_record(header: &UpdateHeader, data: &[u8], data_crc32: u32) -> RecordRef {
-    let record = RecordHeader {
+/// The header of the log record for an update.
+fn record_header(header: &UpdateHeader) -> RecordHeader {
+    RecordHeader {
         seq: header.seq,
         epoch: header.epoch,
         offset_bytes: header.offset_bytes,
@@ -843,11 +858,41 @@ fn build_record(header: &UpdateHeader, data: &[u8], data_crc32: u32) -> RecordRe
         } else {
             0
         },
-    };
+    }
+}
+
+/// The size of the record buffer for `length_bytes` of data (for
+/// [`DirectUpdates`]).
+fn record_buffer_len_bytes(length_bytes: u32) -> usize {
+    usize::try_from(wal::record_size_bytes(length_bytes)).expect("record size fits in memory")
+}
+
+/// Builds the log record for an update that arrived in the shared receive
+/// buffer: the payload copied once into a pooled record buffer, behind its
+/// record header, whose crc reuses `data_crc32` (the frame check computed
+/// it) rather than reading the payload again.
+fn build_record(
+    pool: &Rc<BufPool>,
+    header: &UpdateHeader,
+    data: &[u8],
+    data_crc32: u32,
+) -> RecordRef {
+    let mut buf = pool.take(record_buffer_len_bytes(header.length_bytes));
+    let payload_end = RECORD_PAYLOAD_OFFSET_BYTES + data.len();
+    buf.buf_mut().as_mut_slice()[RECORD_PAYLOAD_OFFSET_BYTES..payload_end].copy_from_slice(data);
+    complete_record(header, buf, data_crc32)
+}
+
+/// Completes the log record for an update whose data already sits at
+/// [`RECORD_PAYLOAD_OFFSET_BYTES`] in `buf`, received there or copied.
+fn complete_record(header: &UpdateHeader, mut buf: PooledBuf, data_crc32: u32) -> RecordRef {
+    wal::complete_record_around_payload(
+        &record_header(header),
+        data_crc32,
+        buf.buf_mut().as_mut_slice(),
+    );
     RecordRef {
-        buf: Rc::new(wal::build_record_with_payload_crc(
-            &record, data, data_crc32,
-        )),
+        buf: Rc::new(buf),
         length_bytes: header.length_bytes,
     }
 }
@@ -919,7 +964,7 @@ mod tests {
     use crate::proto::{data_crc32, UPDATE_FLAG_FUA};
 
     #[test]
-    fn a_built_record_passes_the_recovery_check_with_the_frames_data_crc() {
+    fn a_built_record_in_a_reused_buffer_passes_the_recovery_check_with_the_frames_data_crc() {
         for (length_bytes, flags) in [(4096u32, 0), (5000, UPDATE_FLAG_FUA), (1 << 20, 0)] {
             let data: Vec<u8> = (0..length_bytes).map(|i| (i % 251) as u8).collect();
             let header = UpdateHeader {
@@ -930,8 +975,14 @@ mod tests {
                 flags,
                 all_acked_seq: 0,
             };
-            let record = build_record(&header, &data, data_crc32(&data));
-            let bytes = record.buf.as_slice();
+            // A reused buffer full of stale bytes: the record must not show them.
+            let pool = BufPool::new(POOL_IDLE_BYTES_MAX);
+            let mut stale = pool.take(record_buffer_len_bytes(length_bytes));
+            stale.buf_mut().as_mut_slice().fill(0xa5);
+            drop(stale);
+            let record = build_record(&pool, &header, &data, data_crc32(&data));
+            assert_eq!(pool.idle_bytes(), 0, "the stale buffer was reused");
+            let bytes = record.as_slice();
             assert_eq!(bytes.len() as u64, wal::record_size_bytes(length_bytes));
             let decoded = RecordHeader::decode(bytes).unwrap();
             let payload_end = RECORD_PAYLOAD_OFFSET_BYTES + data.len();

@@ -555,26 +555,37 @@ impl RecordHeader {
 /// Lays out one record (header, payload, zero padding) in a fresh aligned
 /// buffer ready for an O_DIRECT write. Copies the payload once.
 pub fn build_record(header: &RecordHeader, payload: &[u8]) -> AlignedBuf {
-    build_record_with_payload_crc(header, payload, crc32fast::hash(payload))
-}
-
-/// As [`build_record`], with the payload's crc32 already known (the frame
-/// check computed it), so the payload is read only by the copy.
-pub fn build_record_with_payload_crc(
-    header: &RecordHeader,
-    payload: &[u8],
-    payload_crc: u32,
-) -> AlignedBuf {
-    debug_assert_eq!(payload_crc, crc32fast::hash(payload));
     let size = usize::try_from(header.size_bytes()).expect("record size fits in memory");
     let mut buf = AlignedBuf::zeroed_around(size, RECORD_PAYLOAD_OFFSET_BYTES, payload);
-    let length = u32::try_from(payload.len()).expect("a record payload fits in u32");
-    header.encode_with_payload_crc(
-        payload_crc,
-        length,
+    header.encode(
+        payload,
         &mut buf.as_mut_slice()[..RECORD_PAYLOAD_OFFSET_BYTES],
     );
     buf
+}
+
+/// Completes a record whose payload already sits at
+/// [`RECORD_PAYLOAD_OFFSET_BYTES`] in `record`, a buffer of exactly the
+/// record's size (received there, or copied by the caller): writes the header
+/// in front of it and zeroes the padding behind it. The bytes in front and
+/// behind may hold anything before. `payload_crc` is the payload's crc32.
+pub fn complete_record_around_payload(header: &RecordHeader, payload_crc: u32, record: &mut [u8]) {
+    assert_eq!(
+        record.len() as u64,
+        header.size_bytes(),
+        "a record buffer of the record's size"
+    );
+    let payload_end = RECORD_PAYLOAD_OFFSET_BYTES + header.length_bytes as usize;
+    debug_assert_eq!(
+        payload_crc,
+        crc32fast::hash(&record[RECORD_PAYLOAD_OFFSET_BYTES..payload_end])
+    );
+    record[payload_end..].fill(0);
+    header.encode_with_payload_crc(
+        payload_crc,
+        header.length_bytes,
+        &mut record[..RECORD_PAYLOAD_OFFSET_BYTES],
+    );
 }
 
 /// Splits a write of `size_bytes` at ring offset `ring_offset` into the part

@@ -19,7 +19,7 @@ pub mod recovery;
 pub use error::WalError;
 pub use file::{LogFile, RingReader};
 pub use format::{
-    build_record, build_record_with_payload_crc, decode_header_page, header_slot_range,
+    build_record, complete_record_around_payload, decode_header_page, header_slot_range,
     record_size_bytes, split_at_wrap, CurrentHeader, LogHeader, RecordHeader, LOG_ALIGN_BYTES,
     LOG_FORMAT_VERSION, LOG_HEADER_SIZE_BYTES, LOG_HEADER_SLOT_COUNT,
     LOG_HEADER_SLOT_OFFSETS_BYTES, LOG_HEADER_USED_BYTES, LOG_MAGIC, LOG_SIZE_MIN_BYTES,

@@ -9,6 +9,10 @@ use std::alloc::{self, Layout};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+mod pool;
+
+pub use pool::{BufPool, PooledBuf, POOL_IDLE_BYTES_MAX};
+
 /// Alignment and granularity of every O_DIRECT buffer.
 pub const PAGE_SIZE_BYTES: usize = 4096;
 
@@ -212,26 +216,45 @@ unsafe impl tokio_uring::buf::IoBuf for SharedBuf {
 
 /// A log record's buffer on a secondary: one allocation holding the record
 /// header and the payload, shared (on one thread) by the log write and the
-/// apply to the copy, so the payload is copied once, off the socket.
+/// apply to the copy, so the payload is not copied again once received. The
+/// buffer goes back to its pool when the last clone is dropped.
 #[derive(Clone, Debug)]
 pub struct RecordRef {
     /// The whole record, padded to a page multiple.
-    pub buf: std::rc::Rc<AlignedBuf>,
+    pub buf: std::rc::Rc<PooledBuf>,
     /// Length of the payload inside it.
     pub length_bytes: u32,
 }
 
+impl RecordRef {
+    /// The whole record's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        self.buf.buf().as_slice()
+    }
+
+    /// The whole record's length in bytes.
+    pub fn len(&self) -> usize {
+        self.buf.buf().len()
+    }
+
+    /// True for a zero-length record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 // SAFETY: the Rc keeps the allocation alive and unmoved for as long as this
-// clone lives, and nothing writes the bytes once a RecordRef exists.
+// clone lives (the pool takes it back only when the last clone is dropped),
+// and nothing writes the bytes once a RecordRef exists.
 unsafe impl tokio_uring::buf::IoBuf for RecordRef {
     fn stable_ptr(&self) -> *const u8 {
-        self.buf.ptr.as_ptr()
+        self.buf.buf().ptr.as_ptr()
     }
     fn bytes_init(&self) -> usize {
-        self.buf.len
+        self.buf.buf().len
     }
     fn bytes_total(&self) -> usize {
-        self.buf.len
+        self.buf.buf().len
     }
 }
 
