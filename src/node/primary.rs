@@ -33,8 +33,8 @@ use crate::core::primary::{
 };
 use crate::net::{self, FrameReader, Outbox};
 use crate::proto::{
-    data_crc32, encode_update_header, Ack, ErrorCode, ErrorFrame, Frame, Hello, LogState, Role,
-    UpdateHeader, PROTOCOL_VERSION, UPDATE_DATA_MAX_BYTES, UPDATE_FLAG_FUA,
+    encode_update_header, Ack, ErrorCode, ErrorFrame, Frame, Hello, LogState, Role, UpdateHeader,
+    PROTOCOL_VERSION, UPDATE_DATA_MAX_BYTES, UPDATE_FLAG_FUA,
 };
 use crate::wal::LOG_HEADER_SIZE_BYTES;
 
@@ -364,9 +364,12 @@ async fn read_log(
     loop {
         let reader = &mut connection.reader;
         reader.fill().await.map_err(|error| error.to_string())?;
-        let (frame, length) = reader.frame().map_err(|error| error.to_string())?;
+        let (frame, length, data_crc32) = reader
+            .frame_with_data_crc()
+            .map_err(|error| error.to_string())?;
         match frame {
             Frame::Update { header, data } => {
+                let data_crc32 = data_crc32.expect("an Update's data crc");
                 if header.seq != expected_seq || header.seq >= to_seq {
                     return Err(format!(
                         "record seq {} arrived when seq {expected_seq} was expected",
@@ -385,7 +388,7 @@ async fn read_log(
                     fua: header.fua(),
                     payload: Payload {
                         buf: SharedBuf::new(AlignedBuf::copy_from(data)),
-                        crc32: data_crc32(data),
+                        crc32: data_crc32,
                     },
                 });
                 expected_seq += 1;
