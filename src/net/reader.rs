@@ -246,15 +246,7 @@ impl FrameReader {
         let from = direct.frame_at + direct.received;
         let to = direct.frame_at + direct.frame_len;
         let (result, slice) = self.stream.read(direct.buf.slice(from..to)).await;
-        let read = result.map_err(|source| NetError::Io {
-            peer: self.peer.clone(),
-            source,
-        })?;
-        if read == 0 {
-            return Err(NetError::Closed {
-                peer: self.peer.clone(),
-            });
-        }
+        let read = self.bytes_read(result)?;
         self.direct = Some(DirectFrame {
             buf: slice.into_inner(),
             received: direct.received + read,
@@ -278,17 +270,23 @@ impl FrameReader {
         };
         let (result, slice) = self.stream.read(buffer.slice(self.end..read_end)).await;
         self.buffer = Some(slice.into_inner());
-        let read = result.map_err(|source| NetError::Io {
-            peer: self.peer.clone(),
-            source,
-        })?;
-        if read == 0 {
-            return Err(NetError::Closed {
-                peer: self.peer.clone(),
-            });
-        }
-        self.end += read;
+        self.end += self.bytes_read(result)?;
         Ok(())
+    }
+
+    /// A read's byte count, or why the stream ended: its error, or the
+    /// peer closing it (a read of 0 bytes into a non-empty buffer).
+    fn bytes_read(&self, result: std::io::Result<usize>) -> Result<usize, NetError> {
+        match result {
+            Ok(0) => Err(NetError::Closed {
+                peer: self.peer.clone(),
+            }),
+            Ok(read) => Ok(read),
+            Err(source) => Err(NetError::Io {
+                peer: self.peer.clone(),
+                source,
+            }),
+        }
     }
 
     /// The buffered frame, once [`FrameReader::fill`] returned. Call
