@@ -342,7 +342,7 @@ impl FrameReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{data_crc32, encode_update_header, UpdateHeader};
+    use crate::proto::{data_crc32, encode_update_header, UpdateHeader, UPDATE_DATA_MAX_BYTES};
 
     /// An Update frame of `length` bytes of data, each byte derived from
     /// `seq`, encoded whole.
@@ -367,21 +367,8 @@ mod tests {
     /// checks every frame comes out whole, in order, with its bytes: through
     /// the shared buffer, or with `direct` set, the large Updates through
     /// buffers of their own with the data at the asked offset.
-    fn frames_come_out_whole(direct: bool) {
-        let lengths = [
-            4096,
-            1 << 20,
-            512,
-            1 << 20,
-            1 << 20,
-            8192,
-            64 << 10,
-            (64 << 10) - 512,
-            1 << 20,
-            4096,
-            (64 << 10) - UPDATE_DATA_AT_BYTES,
-            (64 << 10) - UPDATE_DATA_AT_BYTES - 1,
-        ];
+    fn frames_come_out_whole(direct: bool, lengths: &[usize], pieces: &[usize]) {
+        let pieces = pieces.to_vec();
         let frames: Vec<Vec<u8>> = lengths
             .iter()
             .enumerate()
@@ -397,7 +384,7 @@ mod tests {
                 let connection = tokio_uring::net::TcpStream::connect(address).await.unwrap();
                 // Pieces of sizes that do not line up with frames.
                 let mut sent = 0;
-                for piece in [100, 70_000, 3, 1 << 20, 999_999, 5000].iter().cycle() {
+                for piece in pieces.iter().cycle() {
                     if sent == stream.len() {
                         break;
                     }
@@ -494,13 +481,55 @@ mod tests {
         });
     }
 
+    /// Lengths around every size the reader treats differently.
+    const LENGTHS: [usize; 12] = [
+        4096,
+        1 << 20,
+        512,
+        1 << 20,
+        1 << 20,
+        8192,
+        64 << 10,
+        (64 << 10) - 512,
+        1 << 20,
+        4096,
+        (64 << 10) - UPDATE_DATA_AT_BYTES,
+        (64 << 10) - UPDATE_DATA_AT_BYTES - 1,
+    ];
+    const PIECES: [usize; 6] = [100, 70_000, 3, 1 << 20, 999_999, 5000];
+
     #[test]
     fn mixed_small_and_large_frames_cut_anywhere_come_out_whole_and_in_order() {
-        frames_come_out_whole(false);
+        frames_come_out_whole(false, &LENGTHS, &PIECES);
     }
 
     #[test]
     fn large_updates_received_directly_come_out_whole_and_in_order_with_the_small_ones() {
-        frames_come_out_whole(true);
+        frames_come_out_whole(true, &LENGTHS, &PIECES);
+    }
+
+    /// 200 frames of seeded random lengths (a third of them large) sent in
+    /// pieces of seeded random sizes, through both kinds of reader.
+    #[test]
+    fn random_frames_in_random_pieces_come_out_whole_and_in_order() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |bound: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % bound as u64) as usize
+        };
+        let lengths: Vec<usize> = (0..200)
+            .map(|_| match next(3) {
+                0 => {
+                    DIRECT_FRAME_MIN_BYTES - UPDATE_DATA_AT_BYTES
+                        + next(UPDATE_DATA_MAX_BYTES - (64 << 10))
+                }
+                _ => 1 + next(SHARED_READ_BYTES_MAX + 4096),
+            })
+            .collect();
+        let pieces: Vec<usize> = (0..97).map(|_| 1 + next(300_000)).collect();
+        frames_come_out_whole(false, &lengths, &pieces);
+        frames_come_out_whole(true, &lengths, &pieces);
     }
 }
