@@ -1256,7 +1256,28 @@ impl<P: Clone> Primary<P> {
         self.complete_flushes();
         self.retire();
         self.admit_pending();
+        self.tell_held_back_members();
         self.run_owed_clocks();
+    }
+
+    /// A member held back for log space gets a newer all-acked point at
+    /// once rather than after `all_acked_delay_ms`: no update will carry it
+    /// there, and only the records it clears on it make room for the next
+    /// update. Waiting out the delay stalled the stream each time a log
+    /// filled up.
+    fn tell_held_back_members(&mut self) {
+        for member in 0..self.members.len() {
+            let record = &self.members[member];
+            let held_back =
+                record.state == MemberState::Connected && record.next_to_send < self.next_seq;
+            if held_back && record.all_acked_sent_seq < self.all_acked_seq {
+                self.actions.push_back(Action::SendAllAcked {
+                    member,
+                    seq: self.all_acked_seq,
+                });
+                self.note_all_acked_sent(member);
+            }
+        }
     }
 
     /// What a connected member owes, if anything: the first of an ack of
@@ -2150,6 +2171,54 @@ mod tests {
         assert!(!sends_all_acked_1(&mut sim), "not before the delay");
         sim.primary.handle_timeout(10);
         assert!(sends_all_acked_1(&mut sim));
+    }
+
+    #[test]
+    fn a_member_held_back_for_log_space_is_told_the_all_acked_point_at_once() {
+        // A ring with room for two 4 KiB records (8 KiB each): the third
+        // write is held back until the member clears.
+        let limits = PrimaryLimits {
+            window_updates_max: 64,
+            window_bytes_max: 1 << 20,
+            all_acked_delay_ms: 10,
+            member_timeout_ms: 1_000_000,
+            ack_timeout_ms: 1_000_000,
+        };
+        let geometry = Geometry {
+            volume_size_bytes: 1 << 20,
+            block_size_bytes: 4096,
+            write_max_bytes: 4096,
+        };
+        let ring_bytes = 2 * super::super::secondary::record_size_bytes(4096);
+        let mut primary: Primary<()> = Primary::new(limits, geometry, &[ring_bytes], 1, 1, 0);
+        primary.member_connected(0, empty_log(), 0).unwrap();
+        for id in 1..=3 {
+            primary
+                .submit_write(id, id * 4096, 4096, false, (), 0)
+                .unwrap();
+        }
+        let sent = |actions: &[Action<()>]| {
+            actions
+                .iter()
+                .filter(|a| matches!(a, Action::SendUpdate { .. }))
+                .count()
+        };
+        let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
+        assert_eq!(sent(&actions), 2, "the third write waits for room");
+        for seq in 1..=3 {
+            primary.local_write_done(seq, Ok(()), 0);
+        }
+        primary.ack_received(0, ack(2, 0, 0), 1).unwrap();
+        let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::SendAllAcked { member: 0, seq: 2 })),
+            "told at once, not after the delay: {actions:?}"
+        );
+        primary.ack_received(0, ack(2, 0, 2), 2).unwrap();
+        let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
+        assert_eq!(sent(&actions), 1, "the cleared room takes the third write");
     }
 
     #[test]

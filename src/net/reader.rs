@@ -60,8 +60,9 @@ const UPDATE_DATA_AT_BYTES: usize = FRAME_HEADER_SIZE_BYTES + UPDATE_FIXED_SIZE_
 /// Where a reader puts large Update frames: each in a buffer of its own from
 /// `pool`, laid out so that the data lands at `data_offset_bytes`, the frame's
 /// header and fixed fields just in front of it. A secondary asks for its log
-/// record's layout, so the data is received where the record needs it and
-/// never copied in user space.
+/// record's layout, so the data is received where the record needs it; only
+/// what a read into the shared buffer took in with it (at most
+/// [`SHARED_READ_BYTES_MAX`]) is copied there.
 pub struct DirectUpdates {
     /// Where the buffers come from.
     pub pool: Rc<BufPool>,
