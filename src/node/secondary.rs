@@ -354,6 +354,18 @@ impl Node {
                 ));
             }
             if hello.epoch > epoch {
+                // One header change at a time: a clear's staged header may be
+                // waiting for its sync.
+                let deadline = Instant::now() + Duration::from_millis(HANDSHAKE_WRITE_WAIT_MS_MAX);
+                while self.log.borrow().has_staged_header() {
+                    if Instant::now() > deadline {
+                        return Err(Refusal::new(
+                            ErrorCode::Busy,
+                            format!("the log header's sync is still not done after {HANDSHAKE_WRITE_WAIT_MS_MAX} ms"),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(HANDSHAKE_WRITE_POLL_MS)).await;
+                }
                 self.log
                     .borrow_mut()
                     .persist_header(|header| header.epoch = hello.epoch)
@@ -721,24 +733,35 @@ impl Node {
                     start_offset,
                     start_seq,
                 } => {
-                    // A header write and sync: rare (batched clearing), so it
-                    // runs inline rather than through the ring.
-                    let persisted = self.log.borrow_mut().persist_header(|header| {
+                    // The new header goes into the mapped page now and is made
+                    // durable by an fdatasync of the log on the ring, which
+                    // writes the page back as an msync would: an msync here
+                    // blocked this thread, and every connection it serves,
+                    // for 0.1-5.7 ms per clear on this project's test disk.
+                    let staged = self.log.borrow_mut().stage_header(|header| {
                         header.start_offset = start_offset;
                         header.start_seq = start_seq;
                     });
-                    match persisted {
-                        Ok(()) => {
-                            self.core.borrow_mut().start_persisted(self.now_ms());
-                            self.space.notify_waiters();
-                        }
+                    let staged = match staged {
+                        Ok(staged) => staged,
                         Err(error) => {
                             self.fail(format!(
                                 "persisting the start-of-log pointer failed: {error}"
                             ));
                             return;
                         }
-                    }
+                    };
+                    let log = self.log_direct.clone();
+                    let node = self.clone();
+                    self.spawn_io(
+                        "fdatasync of the log header failed".into(),
+                        async move { log.sync_data().await },
+                        move |core, (), now| {
+                            node.log.borrow_mut().header_durable(staged);
+                            core.start_persisted(now);
+                            node.space.notify_waiters();
+                        },
+                    );
                 }
             }
         }

@@ -62,6 +62,18 @@ pub struct LogFile {
     direct: File,
     /// Set after a failed write, msync or fsync; see [`WalError::Poisoned`].
     failed: AtomicBool,
+    /// A header was staged (see [`LogFile::stage_header`]) and is not yet
+    /// durable.
+    staged: bool,
+}
+
+/// A header written into the log's mapped header page by
+/// [`LogFile::stage_header`], waiting for the sync that makes it durable.
+#[derive(Debug)]
+#[must_use = "a staged header becomes current only through LogFile::header_durable"]
+pub struct StagedHeader {
+    header: LogHeader,
+    slot: usize,
 }
 
 impl LogFile {
@@ -139,6 +151,7 @@ impl LogFile {
             _header_fd: header_fd,
             direct,
             failed: AtomicBool::new(false),
+            staged: false,
         })
     }
 
@@ -222,6 +235,7 @@ impl LogFile {
             _header_fd: header_fd,
             direct,
             failed: AtomicBool::new(false),
+            staged: false,
         })
     }
 
@@ -261,12 +275,36 @@ impl LogFile {
     ///
     /// The new header goes into the slot not holding the current one, then
     /// the page is msynced; the current slot is not written, so a crash at
-    /// any point leaves it valid. Blocks for the msync; the daemon calls it
-    /// from its clearing path, where one sync per batch of cleared records
-    /// is the point. The in-memory header changes only once the new one is
-    /// durable.
+    /// any point leaves it valid. Blocks for the msync: for the daemon's
+    /// rare changes (a new epoch), while its clearing path, which persists
+    /// the start-of-log pointer several times a second, uses
+    /// [`LogFile::stage_header`] and syncs without blocking. The in-memory
+    /// header changes only once the new one is durable.
     pub fn persist_header(&mut self, update: impl FnOnce(&mut LogHeader)) -> Result<(), WalError> {
+        let staged = self.stage_header(update)?;
+        self.header_map
+            .flush_range(0, LOG_HEADER_SIZE_BYTES as usize)
+            .map_err(|e| {
+                self.failed.store(true, Ordering::Relaxed);
+                WalError::io(&self.path, "msync of the log header", e)
+            })?;
+        self.header_durable(staged);
+        Ok(())
+    }
+
+    /// The first half of [`LogFile::persist_header`], for a caller that
+    /// makes the file durable itself: writes the changed header into the
+    /// mapped page's other slot and returns it, still not current. Once an
+    /// fdatasync of the log file that started after this call has succeeded
+    /// (it writes the page back like an msync would), hand it to
+    /// [`LogFile::header_durable`]. At most one staged header at a time:
+    /// staging again, or persisting, before then would write the same slot.
+    pub fn stage_header(
+        &mut self,
+        update: impl FnOnce(&mut LogHeader),
+    ) -> Result<StagedHeader, WalError> {
         self.check_not_failed()?;
+        assert!(!self.staged, "a staged header is waiting for its sync");
         let mut next = self.header;
         update(&mut next);
         // Identity and geometry are fixed at create; changing them here would
@@ -281,15 +319,25 @@ impl LogFile {
         next.encode(&mut slot_bytes);
         let slot = other_slot(self.header_slot);
         self.header_map[header_slot_range(slot)].copy_from_slice(&slot_bytes);
-        self.header_map
-            .flush_range(0, LOG_HEADER_SIZE_BYTES as usize)
-            .map_err(|e| {
-                self.failed.store(true, Ordering::Relaxed);
-                WalError::io(&self.path, "msync of the log header", e)
-            })?;
-        self.header = next;
-        self.header_slot = slot;
-        Ok(())
+        self.staged = true;
+        Ok(StagedHeader { header: next, slot })
+    }
+
+    /// The staged header is durable: it becomes the current one.
+    pub fn header_durable(&mut self, staged: StagedHeader) {
+        assert!(self.staged, "no header was staged");
+        debug_assert_eq!(
+            staged.header.header_generation,
+            self.header.header_generation + 1
+        );
+        self.staged = false;
+        self.header = staged.header;
+        self.header_slot = staged.slot;
+    }
+
+    /// Whether a staged header waits for its sync.
+    pub fn has_staged_header(&self) -> bool {
+        self.staged
     }
 
     /// A second descriptor of the O_DIRECT fd, for the async driver
@@ -834,6 +882,47 @@ mod tests {
                 assert_eq!(log.header(), persisted);
             }
         }
+    }
+
+    #[test]
+    fn a_staged_header_becomes_current_once_durable_and_a_reopen_finds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut log = new_log(&dir);
+        let before = log.header();
+        let staged = log
+            .stage_header(|h| {
+                h.start_offset = 3 * LOG_ALIGN_BYTES;
+                h.start_seq = 7;
+            })
+            .unwrap();
+        assert!(log.has_staged_header());
+        assert_eq!(log.header(), before, "not current before its sync");
+        // The driver's sync: an fdatasync of the log (on the ring there).
+        log.direct_file().unwrap().sync_data().unwrap();
+        log.header_durable(staged);
+        assert!(!log.has_staged_header());
+        let after = log.header();
+        assert_eq!(
+            (after.start_offset, after.start_seq),
+            (3 * LOG_ALIGN_BYTES, 7)
+        );
+        assert_eq!(after.header_generation, before.header_generation + 1);
+        // The next change goes to the other slot again.
+        log.persist_header(|h| h.start_seq = 8).unwrap();
+        drop(log);
+        let log = LogFile::open(&path, UUID, NODE).unwrap();
+        assert_eq!(log.header().start_seq, 8);
+        assert_eq!(log.header().header_generation, before.header_generation + 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "a staged header is waiting for its sync")]
+    fn a_second_header_change_while_one_is_staged_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = new_log(&dir);
+        let _staged = log.stage_header(|h| h.start_seq = 2).unwrap();
+        let _ = log.persist_header(|h| h.epoch += 1);
     }
 
     #[test]

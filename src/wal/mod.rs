@@ -17,7 +17,7 @@ pub mod format;
 pub mod recovery;
 
 pub use error::WalError;
-pub use file::{LogFile, RingReader};
+pub use file::{LogFile, RingReader, StagedHeader};
 pub use format::{
     build_record, complete_record_around_payload, decode_header_page, header_slot_range,
     record_size_bytes, split_at_wrap, CurrentHeader, LogHeader, RecordHeader, LOG_ALIGN_BYTES,
