@@ -363,6 +363,16 @@ mod tests {
         bytes
     }
 
+    /// A connected pair of streams on 127.0.0.1: the connecting end and the
+    /// accepted one.
+    async fn loopback_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio_uring::net::TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let address = listener.local_addr().unwrap();
+        let connecting = tokio_uring::spawn(async move { TcpStream::connect(address).await });
+        let (accepted, _) = listener.accept().await.unwrap();
+        (connecting.await.unwrap().unwrap(), accepted)
+    }
+
     /// Sends `stream` in pieces that cut frames anywhere (so the buffer
     /// fills up mid-frame and its partial frame moves to the front) and
     /// checks every frame comes out whole, in order, with its bytes: through
@@ -378,11 +388,8 @@ mod tests {
         let stream: Vec<u8> = frames.concat();
         let pool = BufPool::new(8 << 20);
         tokio_uring::start(async move {
-            let listener =
-                tokio_uring::net::TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-            let address = listener.local_addr().unwrap();
+            let (connection, accepted) = loopback_pair().await;
             let sender = tokio_uring::spawn(async move {
-                let connection = tokio_uring::net::TcpStream::connect(address).await.unwrap();
                 // Pieces of sizes that do not line up with frames.
                 let mut sent = 0;
                 for piece in pieces.iter().cycle() {
@@ -395,8 +402,7 @@ mod tests {
                     sent = end;
                 }
             });
-            let (connection, _) = listener.accept().await.unwrap();
-            let connection = Rc::new(connection);
+            let connection = Rc::new(accepted);
             const DATA_AT: usize = 64;
             let mut reader = if direct {
                 FrameReader::with_direct_updates(
@@ -450,18 +456,14 @@ mod tests {
         let mut frame = update(1, 1 << 20);
         frame[UPDATE_DATA_AT_BYTES + 1000] ^= 0x10;
         tokio_uring::start(async move {
-            let listener =
-                tokio_uring::net::TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-            let address = listener.local_addr().unwrap();
+            let (connection, accepted) = loopback_pair().await;
             let sender = tokio_uring::spawn(async move {
-                let connection = tokio_uring::net::TcpStream::connect(address).await.unwrap();
                 let (result, _) = connection.write_all(frame).await;
                 result.unwrap();
                 connection
             });
-            let (connection, _) = listener.accept().await.unwrap();
             let mut reader = FrameReader::with_direct_updates(
-                Rc::new(connection),
+                Rc::new(accepted),
                 "test".into(),
                 DirectUpdates {
                     pool: BufPool::new(4 << 20),
