@@ -343,6 +343,22 @@ impl Node {
             ));
         }
         if hello.role == Role::Primary {
+            // A new epoch is a header change, and only one may be under
+            // way: wait out a clear's header still waiting for its sync.
+            // Before the epoch is compared, so that nothing (another
+            // primary's handshake) can move it between the check and the
+            // write below.
+            let deadline = Instant::now() + Duration::from_millis(HANDSHAKE_WRITE_WAIT_MS_MAX);
+            while hello.epoch > self.core.borrow().epoch() && self.log.borrow().has_staged_header()
+            {
+                if Instant::now() > deadline {
+                    return Err(Refusal::new(
+                        ErrorCode::Busy,
+                        format!("the log header's sync is still not done after {HANDSHAKE_WRITE_WAIT_MS_MAX} ms"),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(HANDSHAKE_WRITE_POLL_MS)).await;
+            }
             let epoch = self.core.borrow().epoch();
             if hello.epoch < epoch {
                 return Err(Refusal::new(
@@ -354,18 +370,6 @@ impl Node {
                 ));
             }
             if hello.epoch > epoch {
-                // One header change at a time: a clear's staged header may be
-                // waiting for its sync.
-                let deadline = Instant::now() + Duration::from_millis(HANDSHAKE_WRITE_WAIT_MS_MAX);
-                while self.log.borrow().has_staged_header() {
-                    if Instant::now() > deadline {
-                        return Err(Refusal::new(
-                            ErrorCode::Busy,
-                            format!("the log header's sync is still not done after {HANDSHAKE_WRITE_WAIT_MS_MAX} ms"),
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(HANDSHAKE_WRITE_POLL_MS)).await;
-                }
                 self.log
                     .borrow_mut()
                     .persist_header(|header| header.epoch = hello.epoch)
