@@ -43,7 +43,11 @@ struct Node {
     core: RefCell<Secondary<RecordRef>>,
     log: RefCell<LogFile>,
     log_direct: Rc<tokio_uring::fs::File>,
+    /// The copy, for its fdatasyncs on the ring.
     copy: Rc<tokio_uring::fs::File>,
+    /// The same copy, for the applies this thread writes itself (see
+    /// `Action::Apply` in `pump`).
+    copy_writer: std::fs::File,
     /// Record buffers, reused.
     records: Rc<BufPool>,
     /// The primary session being served: its number and its outbox.
@@ -88,6 +92,9 @@ pub fn run(config: &Config, node_id: u32) -> Result<(), NodeError> {
     let log_direct = log
         .direct_file()
         .map_err(|source| NodeError::io(&node.log_path, "opening the log", source))?;
+    let copy_writer = copy
+        .try_clone()
+        .map_err(|source| NodeError::io(&node.data_path, "opening the copy", source))?;
     tokio_uring::start(async move {
         let node_state = Rc::new(Node {
             volume_uuid,
@@ -96,6 +103,7 @@ pub fn run(config: &Config, node_id: u32) -> Result<(), NodeError> {
             log: RefCell::new(log),
             log_direct: Rc::new(tokio_uring::fs::File::from_std(log_direct)),
             copy: Rc::new(tokio_uring::fs::File::from_std(copy)),
+            copy_writer,
             records: BufPool::new(POOL_IDLE_BYTES_MAX),
             session: RefCell::new(None),
             sessions_started: Cell::new(0),
@@ -715,15 +723,24 @@ impl Node {
                     offset_bytes,
                     payload,
                 } => {
-                    let copy = self.copy.clone();
+                    // Written here, not on the ring. The copy is buffered,
+                    // so an apply only copies into the page cache, and its
+                    // dirty pages are bounded by the log (nothing is cleared
+                    // before the copy's fdatasync, which stays on the ring).
+                    // Through the ring, a filesystem without asynchronous
+                    // buffered writes (tmpfs) hands every apply to a kernel
+                    // worker thread; the wake-ups cost about a fifth of the
+                    // 4 KiB QD32 rate with two secondaries (BENCHMARKS.md),
+                    // and a thread of our own cost as much.
                     let length = payload.length_bytes as usize;
-                    let data = payload
-                        .slice(RECORD_PAYLOAD_OFFSET_BYTES..RECORD_PAYLOAD_OFFSET_BYTES + length);
-                    self.spawn_io(
-                        format!("applying seq {seq} to the copy failed"),
-                        async move { copy.write_all_at(data, offset_bytes).await.0 },
-                        move |core, (), now| core.applied(seq, now),
-                    );
+                    let data = &payload.as_slice()
+                        [RECORD_PAYLOAD_OFFSET_BYTES..RECORD_PAYLOAD_OFFSET_BYTES + length];
+                    if let Err(error) = self.copy_writer.write_all_at(data, offset_bytes) {
+                        self.fail(format!("applying seq {seq} to the copy failed: {error}"));
+                        return;
+                    }
+                    let now = self.now_ms();
+                    self.core.borrow_mut().applied(seq, now);
                 }
                 Action::SyncCopy { through_seq } => {
                     let copy = self.copy.clone();
