@@ -423,6 +423,32 @@ struct Member {
     /// While connected: since when it has owed an answer without progress
     /// (see [`PrimaryLimits::ack_timeout_ms`]).
     owed_since_ms: Option<u64>,
+    /// Since when the next update has waited for room in its log.
+    log_full_since_ms: Option<u64>,
+    /// Waits for room ended so far (see [`MemberStats`]).
+    stats: MemberStats,
+}
+
+impl Member {
+    /// Ends a wait for log room, if one is going on, adding it to the
+    /// stats.
+    fn end_log_full_wait(&mut self, now_ms: u64) {
+        if let Some(since_ms) = self.log_full_since_ms.take() {
+            self.stats.log_full_wait_ms += now_ms - since_ms;
+        }
+    }
+}
+
+/// How often a member's log held the stream back: what tells a user the
+/// log is too small for the write load (every wait is time in which no
+/// update reached that member).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemberStats {
+    /// Times the next update did not fit beside the member's records not
+    /// yet cleared, so that sending to it stopped until it cleared some.
+    pub log_full_waits: u64,
+    /// Milliseconds spent in those waits, the one still going included.
+    pub log_full_wait_ms: u64,
 }
 
 /// Where a member's log stands when it connects.
@@ -519,6 +545,8 @@ impl<P: Clone> Primary<P> {
                 joined: false,
                 fua_sent_seq: 0,
                 owed_since_ms: None,
+                log_full_since_ms: None,
+                stats: MemberStats::default(),
             })
             .collect();
         Primary {
@@ -572,6 +600,16 @@ impl<P: Clone> Primary<P> {
     /// True when the member is connected.
     pub fn is_connected(&self, member: usize) -> bool {
         self.members[member].state == MemberState::Connected
+    }
+
+    /// How often the member's log held the stream back, up to now.
+    pub fn member_stats(&self, member: usize) -> MemberStats {
+        let record = &self.members[member];
+        let mut stats = record.stats;
+        if let Some(since_ms) = record.log_full_since_ms {
+            stats.log_full_wait_ms += self.now_ms - since_ms;
+        }
+        stats
     }
 
     /// True when the member was dropped from the volume.
@@ -861,11 +899,17 @@ impl<P: Clone> Primary<P> {
             if self.tracker.set_mask(seq) & bit != 0 {
                 let length = self.slot(seq).expect("live slot").length_bytes;
                 let size = super::secondary::record_size_bytes(length);
+                let now_ms = self.now_ms;
                 let record = &mut self.members[member];
                 if record.in_log_bytes + size > record.ring_bytes {
                     // Held back until the member reports records cleared.
+                    if record.log_full_since_ms.is_none() {
+                        record.log_full_since_ms = Some(now_ms);
+                        record.stats.log_full_waits += 1;
+                    }
                     return;
                 }
+                record.end_log_full_wait(now_ms);
                 record.in_log.push_back((seq, size));
                 record.in_log_bytes += size;
                 self.send_update(member, seq);
@@ -1084,6 +1128,7 @@ impl<P: Clone> Primary<P> {
                 since_ms: self.now_ms,
             };
             self.members[member].owed_since_ms = None;
+            self.members[member].end_log_full_wait(self.now_ms);
         }
     }
 
@@ -1236,6 +1281,7 @@ impl<P: Clone> Primary<P> {
 
     fn drop_member(&mut self, member: usize) {
         self.members[member].state = MemberState::Dropped;
+        self.members[member].end_log_full_wait(self.now_ms);
         for seq in self.window_start_seq..self.next_seq {
             self.tracker.remove_from_set(member, seq);
         }
@@ -2205,6 +2251,11 @@ mod tests {
         };
         let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
         assert_eq!(sent(&actions), 2, "the third write waits for room");
+        let waiting = MemberStats {
+            log_full_waits: 1,
+            log_full_wait_ms: 0,
+        };
+        assert_eq!(primary.member_stats(0), waiting);
         for seq in 1..=3 {
             primary.local_write_done(seq, Ok(()), 0);
         }
@@ -2219,6 +2270,13 @@ mod tests {
         primary.ack_received(0, ack(2, 0, 2), 2).unwrap();
         let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
         assert_eq!(sent(&actions), 1, "the cleared room takes the third write");
+        let waited = MemberStats {
+            log_full_waits: 1,
+            log_full_wait_ms: 2,
+        };
+        assert_eq!(primary.member_stats(0), waited, "one wait, from 0 to 2 ms");
+        primary.handle_timeout(50);
+        assert_eq!(primary.member_stats(0), waited, "the wait ended at 2 ms");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_uring::net::TcpStream;
 
 use super::error::NodeError;
-use super::volume::{Command, Payload, VolumeError, VolumeStatus};
+use super::volume::{Command, MemberStatus, Payload, VolumeError, VolumeStatus};
 use crate::buf::{AlignedBuf, SharedBuf};
 use crate::config::{Config, NodeConfig};
 use crate::core::catch_up::{plan_catch_up, CatchUpPlan};
@@ -662,7 +662,11 @@ impl Engine {
                     .members
                     .iter()
                     .enumerate()
-                    .map(|(index, member)| (member.node_id, core.is_connected(index)))
+                    .map(|(index, member)| MemberStatus {
+                        node_id: member.node_id,
+                        connected: core.is_connected(index),
+                        stats: core.member_stats(index),
+                    })
                     .collect();
                 let _ = reply.send(VolumeStatus {
                     next_seq: core.next_seq(),

@@ -25,7 +25,7 @@ use super::error::NodeError;
 use super::primary;
 use crate::buf::{AlignedBuf, SharedBuf};
 use crate::config::Config;
-use crate::core::primary::RequestError;
+use crate::core::primary::{MemberStats, RequestError};
 
 /// Most requests queued between callers and the engine; callers wait
 /// beyond it (the engine's window is the real bound on work in flight).
@@ -77,8 +77,19 @@ pub struct VolumeStatus {
     pub all_acked_seq: u64,
     /// Updates in the window.
     pub in_flight: usize,
-    /// Per secondary (config order): node id and whether it is connected.
-    pub members: Vec<(u32, bool)>,
+    /// Per secondary, in config order.
+    pub members: Vec<MemberStatus>,
+}
+
+/// One secondary as the primary sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    /// Its node id.
+    pub node_id: u32,
+    /// Whether its connection is up.
+    pub connected: bool,
+    /// How often its log held the stream back since the primary started.
+    pub stats: MemberStats,
 }
 
 pub(crate) enum Command {

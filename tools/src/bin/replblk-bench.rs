@@ -53,8 +53,8 @@ use replblk::node::volume::{Replicate, Volume};
 
 /// Size of the volume, and of the local baseline file.
 const VOLUME_BYTES: u64 = 1 << 30;
-/// Size of each secondary's log.
-const LOG_BYTES: u64 = 256 << 20;
+/// Default size of each secondary's log, in MiB.
+const DEFAULT_LOG_MIB: u64 = 256;
 /// Unmeasured run before each workload's measured seconds.
 const WARMUP: Duration = Duration::from_secs(1);
 /// How long the writes still in flight at the end of a workload may take
@@ -108,6 +108,20 @@ struct Cli {
     /// through the volume's channel.
     #[arg(long, value_enum, default_value_t = Caller::Engine)]
     caller: Caller,
+    /// Size of each secondary's log, in MiB. The default is larger than
+    /// anything a workload leaves uncleared; a small log (8, say) measures
+    /// writing while logs fill and clear.
+    #[arg(long, default_value_t = DEFAULT_LOG_MIB,
+          value_parser = clap::value_parser!(u64).range(4..=16384))]
+    log_mib: u64,
+}
+
+/// How each volume is run (from the command line).
+#[derive(Clone, Copy)]
+struct VolumeOptions {
+    seconds: u64,
+    caller: Caller,
+    log_bytes: u64,
 }
 
 /// Where a volume's workload runs (see `Args::caller`).
@@ -175,6 +189,10 @@ struct Measured {
 struct TargetResult {
     name: String,
     measured: Vec<Measured>,
+    /// For a volume with secondaries, per workload: how often and how long
+    /// (ms) a secondary's log held the stream back, summed over the
+    /// secondaries, warm-up and the flush after included. Empty otherwise.
+    log_full: Vec<(u64, u64)>,
 }
 
 /// Something the workloads write to.
@@ -417,6 +435,7 @@ fn bench_local(
     Ok(TargetResult {
         name: "local".into(),
         measured,
+        log_full: Vec::new(),
     })
 }
 
@@ -428,10 +447,14 @@ fn bench_volume(
     secondary_dir: Option<&Path>,
     replblkd: &Path,
     secondaries: usize,
-    seconds: u64,
-    caller: Caller,
+    options: VolumeOptions,
     interrupted: &'static AtomicBool,
 ) -> anyhow::Result<TargetResult> {
+    let VolumeOptions {
+        seconds,
+        caller,
+        log_bytes,
+    } = options;
     let name = format!("replblk-{secondaries}");
     let cluster_dir = dir.join(&name);
     std::fs::create_dir(&cluster_dir)
@@ -446,7 +469,7 @@ fn bench_volume(
         replblkd,
         secondaries,
         VOLUME_BYTES,
-        LOG_BYTES,
+        log_bytes,
         &ReplicationConfig::default(),
     )
     .map_err(|e| anyhow!("{name}: creating the cluster: {e}"))?;
@@ -463,6 +486,8 @@ fn bench_volume(
         .context("building the tokio runtime")?;
     let target = Rc::new(ReplicatedVolume(volume.clone()));
     let mut measured = Vec::new();
+    let mut log_full = Vec::new();
+    let mut log_full_before = (0, 0);
     for workload in &WORKLOADS {
         let result = match caller {
             Caller::Thread => LocalSet::new().block_on(
@@ -496,6 +521,16 @@ fn bench_volume(
         cluster
             .wait_logs_cleared(status.next_seq, SETTLE_TIMEOUT)
             .map_err(|e| anyhow!("{name}: after {}: {e}", workload.name))?;
+        if secondaries > 0 {
+            let total = status.members.iter().fold((0, 0), |(waits, ms), member| {
+                (
+                    waits + member.stats.log_full_waits,
+                    ms + member.stats.log_full_wait_ms,
+                )
+            });
+            log_full.push((total.0 - log_full_before.0, total.1 - log_full_before.1));
+            log_full_before = total;
+        }
     }
     drop(target);
     Arc::into_inner(volume)
@@ -509,7 +544,11 @@ fn bench_volume(
     if let Some(path) = &secondary_cluster_dir {
         std::fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display()))?;
     }
-    Ok(TargetResult { name, measured })
+    Ok(TargetResult {
+        name,
+        measured,
+        log_full,
+    })
 }
 
 /// The run directory; removed (with everything in it) when dropped, so on
@@ -813,6 +852,31 @@ fn goal_lines(results: &[TargetResult]) -> Vec<String> {
         .collect()
 }
 
+/// `text` with its first letter in upper case.
+fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    chars
+        .next()
+        .map(|first| first.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
+/// One line per volume with secondaries: its log-full waits per workload.
+fn log_full_lines(results: &[TargetResult]) -> Vec<String> {
+    results
+        .iter()
+        .filter(|result| !result.log_full.is_empty())
+        .map(|result| {
+            let workloads: Vec<String> = WORKLOADS
+                .iter()
+                .zip(&result.log_full)
+                .map(|(workload, (waits, ms))| format!("{}: {waits} ({ms} ms)", workload.name))
+                .collect();
+            format!("{}: {}", result.name, workloads.join("; "))
+        })
+        .collect()
+}
+
 fn replblkd_path(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     let path = match given {
         Some(path) => path,
@@ -867,7 +931,7 @@ fn main() -> anyhow::Result<()> {
     let setup = format!(
         "setup: volume and local file {} GiB, log {} MiB per secondary, {} s per workload after {} s of warm-up, default ReplicationConfig, secondaries on 127.0.0.1, volume workload {}; load average at start {}",
         VOLUME_BYTES >> 30,
-        LOG_BYTES >> 20,
+        cli.log_mib,
         cli.seconds,
         WARMUP.as_secs(),
         match cli.caller {
@@ -894,8 +958,11 @@ fn main() -> anyhow::Result<()> {
             secondary_run_dir.as_ref().map(|dir| dir.path.as_path()),
             &replblkd,
             usize::from(secondaries),
-            cli.seconds,
-            cli.caller,
+            VolumeOptions {
+                seconds: cli.seconds,
+                caller: cli.caller,
+                log_bytes: cli.log_mib << 20,
+            },
             interrupted,
         )?);
     }
@@ -907,6 +974,8 @@ fn main() -> anyhow::Result<()> {
 
     let rows = rows(&results);
     let goals = goal_lines(&results);
+    let log_full = log_full_lines(&results);
+    let log_full_title = "waits for room in a secondary's log, summed over the secondaries, warm-up and the flush after included (a wait stops sending to that secondary until it clears):";
     println!("{machine}");
     println!("{storage}");
     println!("{setup}");
@@ -916,6 +985,13 @@ fn main() -> anyhow::Result<()> {
     println!("targets of the issue (volume with 2 secondaries; information, not a failure):");
     for goal in &goals {
         println!("  {goal}");
+    }
+    if !log_full.is_empty() {
+        println!();
+        println!("{log_full_title}");
+        for line in &log_full {
+            println!("  {line}");
+        }
     }
     if cli.markdown {
         println!();
@@ -929,6 +1005,14 @@ fn main() -> anyhow::Result<()> {
         println!();
         for goal in &goals {
             println!("- {goal}");
+        }
+        if !log_full.is_empty() {
+            println!();
+            println!("{}", capitalized(log_full_title));
+            println!();
+            for line in &log_full {
+                println!("- {line}");
+            }
         }
     }
     Ok(())
