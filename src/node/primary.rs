@@ -29,7 +29,7 @@ use crate::buf::{AlignedBuf, SharedBuf};
 use crate::config::{Config, NodeConfig};
 use crate::core::catch_up::{plan_catch_up, CatchUpPlan};
 use crate::core::primary::{
-    Action, Geometry, MemberAck, MemberLog, Primary, PrimaryLimits, RequestId,
+    Action, Geometry, MemberAck, MemberLog, MemberStats, Primary, PrimaryLimits, RequestId,
 };
 use crate::net::{self, FrameReader, Outbox};
 use crate::proto::{
@@ -43,6 +43,9 @@ use crate::wal::LOG_HEADER_SIZE_BYTES;
 pub const STOP_DRAIN_TIMEOUT_MS: u64 = 30_000;
 /// Timeout of one connection attempt to a secondary.
 pub const CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// How often the engine logs the waits for log room of the interval past,
+/// for each secondary that had any.
+pub const LOG_FULL_REPORT_INTERVAL_MS: u64 = 10_000;
 
 struct Member {
     node_id: u32,
@@ -179,6 +182,8 @@ pub(crate) fn run(
                 ticker.pump();
             }
         });
+        let reporter = engine.clone();
+        tokio_uring::spawn(async move { reporter.report_log_full_waits().await });
         let caught_up = engine.submit_catch_up(records)?;
         for (member, connection) in connections.into_iter().enumerate() {
             if let Some(connection) = &connection {
@@ -674,6 +679,31 @@ impl Engine {
                     in_flight: core.in_flight(),
                     members,
                 });
+            }
+        }
+    }
+
+    /// Logs, every `LOG_FULL_REPORT_INTERVAL_MS`, each secondary whose log
+    /// held writes back for room in the interval: the operator's sign that
+    /// its log is too small for the load (or that it clears slowly).
+    async fn report_log_full_waits(self: Rc<Self>) {
+        let interval = Duration::from_millis(LOG_FULL_REPORT_INTERVAL_MS);
+        let mut reported = vec![MemberStats::default(); self.members.len()];
+        while !self.stopping.get() {
+            tokio::time::sleep(interval).await;
+            for (index, member) in self.members.iter().enumerate() {
+                let stats = self.core.borrow().member_stats(index);
+                let waits = stats.log_full_waits - reported[index].log_full_waits;
+                if waits > 0 {
+                    tracing::info!(
+                        secondary = member.node_id,
+                        waits,
+                        waited_ms = stats.log_full_wait_ms - reported[index].log_full_wait_ms,
+                        interval_ms = LOG_FULL_REPORT_INTERVAL_MS,
+                        "writes waited for room in the secondary's log (a larger log_size_bytes avoids it)"
+                    );
+                }
+                reported[index] = stats;
             }
         }
     }
