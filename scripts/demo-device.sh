@@ -76,7 +76,7 @@ umount "$mnt"
 
 echo "== the secondaries clear their logs once told everything is all-acked"
 wait_for 60 logs_cleared "$bin" "$config" "$work/status" || { cat "$work/status"; die "a secondary's log was not cleared"; }
-grep -E "^(node [23]|device) " "$work/status"
+grep -E "^(node [123]|  secondary [23]|device) " "$work/status"
 echo "every secondary's start-of-log pointer has reached the end of its log"
 
 echo "== comparing the copies"

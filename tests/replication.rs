@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use replblk::buf::{AlignedBuf, SharedBuf};
 use replblk::config::ReplicationConfig;
+use replblk::net::{query_node, NodeReport};
 use replblk::node::local_cluster::{first_difference, LocalCluster, PRIMARY_NODE_ID};
 use replblk::node::volume::{Replicate, Volume, VolumeStatus};
 
@@ -453,7 +454,66 @@ fn a_log_smaller_than_the_writes_in_flight_holds_them_back_and_loses_nothing() {
         replblk::wal::LOG_SIZE_MIN_BYTES,
         &replication(),
     );
-    replicate_on(cluster, 0x5EED_0005, WRITES / 5);
+    let volume =
+        Arc::new(Volume::start(cluster.config(), PRIMARY_NODE_ID).expect("primary starts"));
+    let writes = plan(0x5EED_0005, WRITES / 5);
+    run_workload(volume.clone(), &writes, || {});
+    // The waits are counted, and a tool asking the primary over the
+    // network (`replblk-ctl status`) is told them.
+    let status = status_of(&volume);
+    assert!(
+        status
+            .members
+            .iter()
+            .all(|member| member.connected && member.stats.log_full_waits > 0),
+        "every secondary connected and held back at times: {status:?}"
+    );
+    let config = cluster.config();
+    let primary = config.node(PRIMARY_NODE_ID).expect("primary in config");
+    let report = query_node(
+        primary.address,
+        *config.volume.uuid.as_bytes(),
+        Duration::from_secs(5),
+    );
+    let Ok(NodeReport::Primary {
+        hello,
+        volume: told,
+    }) = report
+    else {
+        panic!("the primary answers a tool as the primary: {report:?}");
+    };
+    assert_eq!(hello.node_id, PRIMARY_NODE_ID);
+    assert_eq!(told.next_seq, status.next_seq, "nothing was written since");
+    let told_members: Vec<(u32, bool)> = told
+        .members
+        .iter()
+        .map(|member| (member.node_id, member.connected))
+        .collect();
+    let members: Vec<(u32, bool)> = status
+        .members
+        .iter()
+        .map(|member| (member.node_id, member.connected))
+        .collect();
+    assert_eq!(told_members, members);
+    for (told, member) in told.members.iter().zip(&status.members) {
+        assert!(
+            told.log_full_waits >= member.stats.log_full_waits && told.log_full_waits > 0,
+            "{told:?} against {member:?}"
+        );
+    }
+    let secondary = config
+        .node(cluster.secondary_ids()[0])
+        .expect("secondary in config");
+    let report = query_node(
+        secondary.address,
+        *config.volume.uuid.as_bytes(),
+        Duration::from_secs(5),
+    );
+    assert!(
+        matches!(report, Ok(NodeReport::Secondary { .. })),
+        "a secondary answers as a secondary: {report:?}"
+    );
+    finish(cluster, volume, &writes);
 }
 
 #[test]

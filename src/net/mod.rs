@@ -7,7 +7,7 @@ mod query;
 mod reader;
 
 pub use outbox::{OutBuf, Outbox};
-pub use query::query_log_state;
+pub use query::{query_log_state, query_node, NodeReport};
 pub use reader::{
     DirectUpdates, FrameReader, NetError, DIRECT_FRAME_MIN_BYTES, SHARED_READ_BYTES_MAX,
 };

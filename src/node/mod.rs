@@ -6,6 +6,7 @@ pub mod error;
 pub mod local_cluster;
 pub mod primary;
 pub mod secondary;
+mod tool_server;
 pub mod volume;
 
 pub use error::NodeError;

@@ -34,7 +34,7 @@ use crate::core::primary::{
 use crate::net::{self, FrameReader, Outbox};
 use crate::proto::{
     encode_update_header, Ack, ErrorCode, ErrorFrame, Frame, Hello, LogState, Role, UpdateHeader,
-    PROTOCOL_VERSION, UPDATE_DATA_MAX_BYTES, UPDATE_FLAG_FUA,
+    VolumeMember, VolumeState, PROTOCOL_VERSION, UPDATE_DATA_MAX_BYTES, UPDATE_FLAG_FUA,
 };
 use crate::wal::LOG_HEADER_SIZE_BYTES;
 
@@ -184,6 +184,10 @@ pub(crate) fn run(
         });
         let reporter = engine.clone();
         tokio_uring::spawn(async move { reporter.report_log_full_waits().await });
+        if let Some(listener) = super::tool_server::listen(node.address) {
+            let timeout = engine.handshake_timeout;
+            tokio_uring::spawn(super::tool_server::serve(listener, engine.clone(), timeout));
+        }
         let caught_up = engine.submit_catch_up(records)?;
         for (member, connection) in connections.into_iter().enumerate() {
             if let Some(connection) = &connection {
@@ -498,6 +502,46 @@ async fn handshake(
         log,
         early_ack: None,
     })
+}
+
+impl super::tool_server::VolumeReport for Engine {
+    fn hello(&self) -> Hello {
+        Hello {
+            volume_uuid: self.volume_uuid,
+            node_id: self.node_id,
+            protocol_version: PROTOCOL_VERSION,
+            role: Role::Primary,
+            epoch: self.epoch,
+        }
+    }
+
+    fn volume_state(&self) -> VolumeState {
+        let core = self.core.borrow();
+        VolumeState {
+            epoch: self.epoch,
+            next_seq: core.next_seq(),
+            all_acked_seq: core.all_acked_seq(),
+            in_flight: u32::try_from(core.in_flight()).unwrap_or(u32::MAX),
+            members: self
+                .members
+                .iter()
+                .enumerate()
+                .map(|(index, member)| {
+                    let stats = core.member_stats(index);
+                    VolumeMember {
+                        node_id: member.node_id,
+                        connected: core.is_connected(index),
+                        log_full_waits: stats.log_full_waits,
+                        log_full_wait_ms: stats.log_full_wait_ms,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    fn serving(&self) -> bool {
+        !self.stopping.get()
+    }
 }
 
 impl Engine {

@@ -456,7 +456,12 @@ impl Node {
         outbox: &Rc<Outbox>,
     ) -> Result<(), Refusal> {
         loop {
-            reader.fill().await.map_err(Refusal::from_net)?;
+            match reader.fill().await {
+                Ok(()) => {}
+                // How a tool's visit ends: nothing to warn about.
+                Err(crate::net::NetError::Closed { .. }) => return Ok(()),
+                Err(error) => return Err(Refusal::from_net(error)),
+            }
             let (frame, length) = reader.frame().map_err(Refusal::from_net)?;
             match frame {
                 Frame::LogStateQuery => outbox.send_frame(&Frame::LogState(self.log_state())),

@@ -57,6 +57,20 @@ pub const LOG_STATE_BODY_SIZE_BYTES: usize = 40;
 pub const LOG_READ_BODY_SIZE_BYTES: usize = 16;
 /// Body size of LogReadEnd.
 pub const LOG_READ_END_BODY_SIZE_BYTES: usize = 8;
+/// Size of the fixed part of a VolumeState body, before its members.
+pub const VOLUME_STATE_FIXED_SIZE_BYTES: usize = 32;
+/// Size of each member entry of a VolumeState body.
+pub const VOLUME_STATE_MEMBER_SIZE_BYTES: usize = 24;
+/// Most members a VolumeState may list: as many secondaries as a volume
+/// may have (`core::ack_tracker::MEMBERS_MAX`).
+pub const VOLUME_STATE_MEMBERS_MAX: usize = 64;
+/// Largest VolumeState body.
+pub const VOLUME_STATE_BODY_MAX_BYTES: usize =
+    VOLUME_STATE_FIXED_SIZE_BYTES + VOLUME_STATE_MEMBERS_MAX * VOLUME_STATE_MEMBER_SIZE_BYTES;
+/// VolumeState member flag: its connection is up.
+pub const VOLUME_MEMBER_FLAG_CONNECTED: u32 = 1;
+/// Every VolumeState member flag this version understands.
+pub const VOLUME_MEMBER_FLAGS_KNOWN: u32 = VOLUME_MEMBER_FLAG_CONNECTED;
 /// Size of the fixed part of an Error body, before the message.
 pub const ERROR_FIXED_SIZE_BYTES: usize = 8;
 /// Largest Error body.
@@ -124,6 +138,22 @@ const _: () = assert!(LOG_READ_TO_SEQ_AT + U64_SIZE_BYTES == LOG_READ_BODY_SIZE_
 const LOG_READ_END_NEXT_SEQ_AT: usize = 0;
 const _: () = assert!(LOG_READ_END_NEXT_SEQ_AT + U64_SIZE_BYTES == LOG_READ_END_BODY_SIZE_BYTES);
 
+// VolumeState (fixed part; `member_count` member entries follow it).
+const VOLUME_STATE_EPOCH_AT: usize = 0;
+const VOLUME_STATE_NEXT_SEQ_AT: usize = VOLUME_STATE_EPOCH_AT + U64_SIZE_BYTES;
+const VOLUME_STATE_ALL_ACKED_SEQ_AT: usize = VOLUME_STATE_NEXT_SEQ_AT + U64_SIZE_BYTES;
+const VOLUME_STATE_IN_FLIGHT_AT: usize = VOLUME_STATE_ALL_ACKED_SEQ_AT + U64_SIZE_BYTES;
+const VOLUME_STATE_MEMBER_COUNT_AT: usize = VOLUME_STATE_IN_FLIGHT_AT + U32_SIZE_BYTES;
+const _: () =
+    assert!(VOLUME_STATE_MEMBER_COUNT_AT + U32_SIZE_BYTES == VOLUME_STATE_FIXED_SIZE_BYTES);
+// One member entry, from its own start.
+const VOLUME_MEMBER_NODE_ID_AT: usize = 0;
+const VOLUME_MEMBER_FLAGS_AT: usize = VOLUME_MEMBER_NODE_ID_AT + U32_SIZE_BYTES;
+const VOLUME_MEMBER_LOG_FULL_WAITS_AT: usize = VOLUME_MEMBER_FLAGS_AT + U32_SIZE_BYTES;
+const VOLUME_MEMBER_LOG_FULL_WAIT_MS_AT: usize = VOLUME_MEMBER_LOG_FULL_WAITS_AT + U64_SIZE_BYTES;
+const _: () =
+    assert!(VOLUME_MEMBER_LOG_FULL_WAIT_MS_AT + U64_SIZE_BYTES == VOLUME_STATE_MEMBER_SIZE_BYTES);
+
 // Error (fixed part; the message follows it).
 const ERROR_CODE_AT: usize = 0;
 const ERROR_MESSAGE_LEN_AT: usize = ERROR_CODE_AT + U32_SIZE_BYTES;
@@ -136,6 +166,7 @@ const _: () = assert!(ERROR_MESSAGE_MAX_BYTES <= u16::MAX as usize);
 const _: () = assert!(FRAME_BODY_MAX_BYTES <= u32::MAX as usize);
 // FrameHeader::decode relies on every kind's bound being within the global one.
 const _: () = assert!(ERROR_BODY_MAX_BYTES <= FRAME_BODY_MAX_BYTES);
+const _: () = assert!(VOLUME_STATE_BODY_MAX_BYTES <= FRAME_BODY_MAX_BYTES);
 
 /// What a frame carries; the byte at header offset 6.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +192,8 @@ pub enum FrameKind {
     LogRead,
     /// The last record asked for by a LogRead has been sent.
     LogReadEnd,
+    /// A primary tells a tool how its volume stands.
+    VolumeState,
 }
 
 impl FrameKind {
@@ -177,6 +210,7 @@ impl FrameKind {
             FrameKind::Error => "Error",
             FrameKind::LogRead => "LogRead",
             FrameKind::LogReadEnd => "LogReadEnd",
+            FrameKind::VolumeState => "VolumeState",
         }
     }
 
@@ -195,6 +229,7 @@ impl FrameKind {
             FrameKind::Error => (ERROR_FIXED_SIZE_BYTES, ERROR_BODY_MAX_BYTES),
             FrameKind::LogRead => fixed(LOG_READ_BODY_SIZE_BYTES),
             FrameKind::LogReadEnd => fixed(LOG_READ_END_BODY_SIZE_BYTES),
+            FrameKind::VolumeState => (VOLUME_STATE_FIXED_SIZE_BYTES, VOLUME_STATE_BODY_MAX_BYTES),
         }
     }
 }
@@ -220,6 +255,7 @@ impl TryFrom<u8> for FrameKind {
             8 => FrameKind::Error,
             9 => FrameKind::LogRead,
             10 => FrameKind::LogReadEnd,
+            11 => FrameKind::VolumeState,
             _ => return Err(ProtoError::UnknownKind { kind }),
         })
     }
@@ -461,6 +497,38 @@ pub struct LogState {
     pub used_bytes: u64,
 }
 
+/// VolumeState body: how a primary's volume stands, for tools. A primary
+/// sends it after its Hello to a tool's Hello, in place of the LogState a
+/// secondary sends (a primary keeps no log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeState {
+    /// The primary's epoch.
+    pub epoch: u64,
+    /// The seq the next write gets.
+    pub next_seq: u64,
+    /// Every update up to here is acknowledged by every secondary of its set.
+    pub all_acked_seq: u64,
+    /// Updates in the primary's window (sent, or waiting to be).
+    pub in_flight: u32,
+    /// Each secondary, in config order; at most
+    /// [`VOLUME_STATE_MEMBERS_MAX`].
+    pub members: Vec<VolumeMember>,
+}
+
+/// One secondary in a [`VolumeState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeMember {
+    /// Its node id.
+    pub node_id: u32,
+    /// Whether the primary's connection to it is up.
+    pub connected: bool,
+    /// Times its log held the stream back for room, since the primary
+    /// started.
+    pub log_full_waits: u64,
+    /// Milliseconds of those waits.
+    pub log_full_wait_ms: u64,
+}
+
 /// Error body: a code for programs and a message for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorFrame {
@@ -527,6 +595,8 @@ pub enum Frame<'a> {
         /// The seq after the last record sent: the LogRead's `to_seq`.
         next_seq: u64,
     },
+    /// See [`VolumeState`].
+    VolumeState(VolumeState),
 }
 
 impl Frame<'_> {
@@ -543,6 +613,7 @@ impl Frame<'_> {
             Frame::Error(_) => FrameKind::Error,
             Frame::LogRead { .. } => FrameKind::LogRead,
             Frame::LogReadEnd { .. } => FrameKind::LogReadEnd,
+            Frame::VolumeState(_) => FrameKind::VolumeState,
         }
     }
 
@@ -594,6 +665,26 @@ impl Frame<'_> {
                 out.extend_from_slice(&s.next_seq.to_le_bytes());
                 out.extend_from_slice(&s.applied_seq.to_le_bytes());
                 out.extend_from_slice(&s.used_bytes.to_le_bytes());
+            }
+            Frame::VolumeState(v) => {
+                debug_assert!(v.members.len() <= VOLUME_STATE_MEMBERS_MAX);
+                out.extend_from_slice(&v.epoch.to_le_bytes());
+                out.extend_from_slice(&v.next_seq.to_le_bytes());
+                out.extend_from_slice(&v.all_acked_seq.to_le_bytes());
+                out.extend_from_slice(&v.in_flight.to_le_bytes());
+                // Fits: at most VOLUME_STATE_MEMBERS_MAX members.
+                out.extend_from_slice(&(v.members.len() as u32).to_le_bytes());
+                for member in &v.members {
+                    let flags = if member.connected {
+                        VOLUME_MEMBER_FLAG_CONNECTED
+                    } else {
+                        0
+                    };
+                    out.extend_from_slice(&member.node_id.to_le_bytes());
+                    out.extend_from_slice(&flags.to_le_bytes());
+                    out.extend_from_slice(&member.log_full_waits.to_le_bytes());
+                    out.extend_from_slice(&member.log_full_wait_ms.to_le_bytes());
+                }
             }
             Frame::Error(e) => {
                 let message = cut_at_char_boundary(&e.message, ERROR_MESSAGE_MAX_BYTES);
@@ -746,6 +837,7 @@ fn decode_checked_body<'a>(
             }))
         }
         FrameKind::Error => decode_error(header.body_len, body),
+        FrameKind::VolumeState => decode_volume_state(header.body_len, body),
         FrameKind::LogRead => {
             let b: &[u8; LOG_READ_BODY_SIZE_BYTES] = exact(kind, header.body_len, body)?;
             Ok(Frame::LogRead {
@@ -912,6 +1004,61 @@ fn decode_update(body_len: u32, body: &[u8]) -> Result<Frame<'_>, ProtoError> {
         });
     }
     Ok(Frame::Update { header, data })
+}
+
+fn decode_volume_state(body_len: u32, body: &[u8]) -> Result<Frame<'static>, ProtoError> {
+    let kind = FrameKind::VolumeState;
+    let Some((b, entries)) = body.split_first_chunk::<VOLUME_STATE_FIXED_SIZE_BYTES>() else {
+        return Err(ProtoError::Undersized {
+            kind,
+            body_len,
+            min: VOLUME_STATE_FIXED_SIZE_BYTES,
+        });
+    };
+    let member_count = le_u32(b, VOLUME_STATE_MEMBER_COUNT_AT) as usize;
+    if member_count > VOLUME_STATE_MEMBERS_MAX {
+        return Err(ProtoError::BadField {
+            kind,
+            field: "member_count",
+            reason: format!("{member_count} exceeds the limit of {VOLUME_STATE_MEMBERS_MAX}"),
+        });
+    }
+    if entries.len() != member_count * VOLUME_STATE_MEMBER_SIZE_BYTES {
+        return Err(ProtoError::WrongBodyLength {
+            kind,
+            body_len,
+            expected: VOLUME_STATE_FIXED_SIZE_BYTES + member_count * VOLUME_STATE_MEMBER_SIZE_BYTES,
+        });
+    }
+    let mut members = Vec::with_capacity(member_count);
+    for entry in entries.chunks_exact(VOLUME_STATE_MEMBER_SIZE_BYTES) {
+        let entry: &[u8; VOLUME_STATE_MEMBER_SIZE_BYTES] =
+            entry.try_into().expect("chunks_exact yields whole entries");
+        let flags = le_u32(entry, VOLUME_MEMBER_FLAGS_AT);
+        if flags & !VOLUME_MEMBER_FLAGS_KNOWN != 0 {
+            return Err(ProtoError::BadField {
+                kind,
+                field: "flags",
+                reason: format!(
+                    "member {} has unknown flags {flags:#x} (known: {VOLUME_MEMBER_FLAGS_KNOWN:#x})",
+                    members.len()
+                ),
+            });
+        }
+        members.push(VolumeMember {
+            node_id: le_u32(entry, VOLUME_MEMBER_NODE_ID_AT),
+            connected: flags & VOLUME_MEMBER_FLAG_CONNECTED != 0,
+            log_full_waits: le_u64(entry, VOLUME_MEMBER_LOG_FULL_WAITS_AT),
+            log_full_wait_ms: le_u64(entry, VOLUME_MEMBER_LOG_FULL_WAIT_MS_AT),
+        });
+    }
+    Ok(Frame::VolumeState(VolumeState {
+        epoch: le_u64(b, VOLUME_STATE_EPOCH_AT),
+        next_seq: le_u64(b, VOLUME_STATE_NEXT_SEQ_AT),
+        all_acked_seq: le_u64(b, VOLUME_STATE_ALL_ACKED_SEQ_AT),
+        in_flight: le_u32(b, VOLUME_STATE_IN_FLIGHT_AT),
+        members,
+    }))
 }
 
 fn decode_error(body_len: u32, body: &[u8]) -> Result<Frame<'static>, ProtoError> {
@@ -1093,6 +1240,26 @@ mod tests {
             Frame::LogReadEnd {
                 next_seq: 0x2122_2324_2526_2728,
             },
+            Frame::VolumeState(VolumeState {
+                epoch: 0x3132_3334_3536_3738,
+                next_seq: 0x4142_4344_4546_4748,
+                all_acked_seq: 0x5152_5354_5556_5758,
+                in_flight: 0x6162_6364,
+                members: vec![
+                    VolumeMember {
+                        node_id: 2,
+                        connected: true,
+                        log_full_waits: 0x7172_7374_7576_7778,
+                        log_full_wait_ms: 0x8182_8384_8586_8788,
+                    },
+                    VolumeMember {
+                        node_id: 3,
+                        connected: false,
+                        log_full_waits: 0,
+                        log_full_wait_ms: 0,
+                    },
+                ],
+            }),
         ]
     }
 
@@ -1389,6 +1556,82 @@ mod tests {
     }
 
     #[test]
+    fn golden_volume_state_bytes() {
+        let frame = Frame::VolumeState(VolumeState {
+            epoch: 5,
+            next_seq: 9,
+            all_acked_seq: 8,
+            in_flight: 1,
+            members: vec![VolumeMember {
+                node_id: 2,
+                connected: true,
+                log_full_waits: 3,
+                log_full_wait_ms: 4,
+            }],
+        });
+        let bytes = encode(&frame);
+        assert_eq!(bytes.len(), FRAME_HEADER_SIZE_BYTES + 32 + 24);
+        assert_eq!(bytes[HEADER_KIND_AT], 11);
+        let body = &bytes[FRAME_HEADER_SIZE_BYTES..];
+        let mut expected = Vec::new();
+        for field in [5u64, 9, 8] {
+            expected.extend_from_slice(&field.to_le_bytes());
+        }
+        for field in [1u32, 1, 2, 1] {
+            expected.extend_from_slice(&field.to_le_bytes());
+        }
+        for field in [3u64, 4] {
+            expected.extend_from_slice(&field.to_le_bytes());
+        }
+        assert_eq!(body, expected.as_slice());
+    }
+
+    #[test]
+    fn volume_state_member_count_and_flags_are_checked() {
+        let frame = samples(&[]).pop().expect("the VolumeState sample");
+        assert_eq!(frame.kind(), FrameKind::VolumeState);
+        let good = encode(&frame);
+        // One member fewer than the count says.
+        let mut short = good[..good.len() - VOLUME_STATE_MEMBER_SIZE_BYTES].to_vec();
+        let body_len = (short.len() - FRAME_HEADER_SIZE_BYTES) as u32;
+        set_body_len(&mut short, 0, body_len);
+        reseal(&mut short);
+        assert_eq!(
+            decode_frame(&short).unwrap_err(),
+            ProtoError::WrongBodyLength {
+                kind: FrameKind::VolumeState,
+                body_len: (VOLUME_STATE_FIXED_SIZE_BYTES + VOLUME_STATE_MEMBER_SIZE_BYTES) as u32,
+                expected: VOLUME_STATE_FIXED_SIZE_BYTES + 2 * VOLUME_STATE_MEMBER_SIZE_BYTES,
+            }
+        );
+        // A count past the limit, whatever the length.
+        let mut many = good.clone();
+        let count_at = FRAME_HEADER_SIZE_BYTES + VOLUME_STATE_MEMBER_COUNT_AT;
+        many[count_at..count_at + 4].copy_from_slice(&65u32.to_le_bytes());
+        reseal(&mut many);
+        assert!(matches!(
+            decode_frame(&many),
+            Err(ProtoError::BadField {
+                field: "member_count",
+                ..
+            })
+        ));
+        // A flag this version does not know, on the second member.
+        let mut flagged = good;
+        let flags_at = FRAME_HEADER_SIZE_BYTES
+            + VOLUME_STATE_FIXED_SIZE_BYTES
+            + VOLUME_STATE_MEMBER_SIZE_BYTES
+            + VOLUME_MEMBER_FLAGS_AT;
+        flagged[flags_at] = 2;
+        reseal(&mut flagged);
+        let error = decode_frame(&flagged).unwrap_err();
+        assert!(
+            matches!(&error, ProtoError::BadField { field: "flags", reason, .. } if reason.contains("member 1")),
+            "{error:?}"
+        );
+    }
+
+    #[test]
     fn fixed_kinds_with_wrong_length_are_refused() {
         for (kind, size) in [
             (FrameKind::Hello, HELLO_BODY_SIZE_BYTES),
@@ -1418,7 +1661,7 @@ mod tests {
     #[test]
     fn unknown_kind_bad_magic_wrong_version_reserved_header_byte() {
         let good = encode(&Frame::Flush { seq: 1 });
-        for kind in [0u8, 11, 200, 255] {
+        for kind in [0u8, 12, 200, 255] {
             let mut b = good.clone();
             b[HEADER_KIND_AT] = kind;
             assert_eq!(
@@ -1846,6 +2089,28 @@ mod tests {
             .prop_map(|[from_seq, to_seq]| Owned::Other(Frame::LogRead { from_seq, to_seq }));
         let log_read_end =
             any::<u64>().prop_map(|next_seq| Owned::Other(Frame::LogReadEnd { next_seq }));
+        let member = any::<(u32, bool, u64, u64)>().prop_map(
+            |(node_id, connected, log_full_waits, log_full_wait_ms)| VolumeMember {
+                node_id,
+                connected,
+                log_full_waits,
+                log_full_wait_ms,
+            },
+        );
+        let volume_state = (
+            any::<[u64; 3]>(),
+            any::<u32>(),
+            prop::collection::vec(member, 0..=VOLUME_STATE_MEMBERS_MAX),
+        )
+            .prop_map(|([epoch, next_seq, all_acked_seq], in_flight, members)| {
+                Owned::Other(Frame::VolumeState(VolumeState {
+                    epoch,
+                    next_seq,
+                    all_acked_seq,
+                    in_flight,
+                    members,
+                }))
+            });
         prop_oneof![
             hello,
             update,
@@ -1857,6 +2122,7 @@ mod tests {
             error,
             log_read,
             log_read_end,
+            volume_state,
         ]
     }
 

@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 
 use replblk::buf::{AlignedBuf, SharedBuf};
 use replblk::config::Config;
-use replblk::net::query_log_state;
+use replblk::net::{query_node, NodeReport};
 use replblk::node::volume::Volume;
 use replblk::store::{DataFile, DataSuperblock};
 use replblk::wal::LogFile;
@@ -45,8 +45,10 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Ask every node (or one) where its log stands; without --node, also
-    /// say where the volume's ublk device stands.
+    /// Ask every node (or one) how it stands: a secondary, where its log
+    /// stands; the running primary, where the volume stands and which
+    /// secondaries it reaches. Without --node, also say where the volume's
+    /// ublk device stands.
     Status {
         /// The volume's TOML config.
         #[arg(long)]
@@ -204,8 +206,8 @@ fn status(config: &Config, only: Option<u32>, timeout: Duration) -> anyhow::Resu
         .iter()
         .filter(|node| only.is_none_or(|id| id == node.id))
     {
-        match query_log_state(node.address, uuid, timeout) {
-            Ok((_, log)) => println!(
+        match query_node(node.address, uuid, timeout) {
+            Ok(NodeReport::Secondary { log, .. }) => println!(
                 "node {} {} epoch {} start_seq {} next_seq {} applied_seq {} log_records {}",
                 node.id,
                 node.address,
@@ -215,6 +217,30 @@ fn status(config: &Config, only: Option<u32>, timeout: Duration) -> anyhow::Resu
                 log.applied_seq,
                 log.next_seq - log.start_seq
             ),
+            Ok(NodeReport::Primary { volume, .. }) => {
+                println!(
+                    "node {} {} primary epoch {} next_seq {} all_acked_seq {} in_flight {}",
+                    node.id,
+                    node.address,
+                    volume.epoch,
+                    volume.next_seq,
+                    volume.all_acked_seq,
+                    volume.in_flight
+                );
+                for member in &volume.members {
+                    println!(
+                        "  secondary {} {} log_full_waits {} log_full_wait_ms {}",
+                        member.node_id,
+                        if member.connected {
+                            "connected"
+                        } else {
+                            "disconnected"
+                        },
+                        member.log_full_waits,
+                        member.log_full_wait_ms
+                    );
+                }
+            }
             Err(reason) => {
                 unreachable += 1;
                 println!("node {} {} unreachable: {reason}", node.id, node.address);

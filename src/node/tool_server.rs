@@ -1,0 +1,181 @@
+//! The running primary's answer to tools: on its own configured address it
+//! takes a tool's Hello (`replblk-ctl status`) and answers with its Hello
+//! and a [`VolumeState`]: the volume's progress and, per secondary, whether
+//! it is connected and how often its log held writes back.
+//!
+//! Only tools may connect, and each connection gets one answer; nothing a
+//! tool sends reaches the engine's core.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio_uring::net::{TcpListener, TcpStream};
+
+use crate::net::FrameReader;
+use crate::proto::{ErrorCode, ErrorFrame, Frame, Hello, Role, VolumeState, PROTOCOL_VERSION};
+
+/// What the server needs of the engine.
+pub(crate) trait VolumeReport {
+    /// The primary's Hello.
+    fn hello(&self) -> Hello;
+    /// How the volume stands now.
+    fn volume_state(&self) -> VolumeState;
+    /// False once the engine is stopping.
+    fn serving(&self) -> bool;
+}
+
+/// Binds `address` for tools. A primary that cannot (the port is taken)
+/// still serves its volume; only the status of it is missing, and that is
+/// logged.
+pub(crate) fn listen(address: SocketAddr) -> Option<TcpListener> {
+    match TcpListener::bind(address) {
+        Ok(listener) => Some(listener),
+        Err(error) => {
+            tracing::warn!(%address, %error, "cannot listen for tools; replblk-ctl status will not reach this primary");
+            None
+        }
+    }
+}
+
+/// Answers every tool that connects, until the engine stops. Each exchange
+/// is bounded by `timeout`.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    report: Rc<impl VolumeReport + 'static>,
+    timeout: Duration,
+) {
+    while report.serving() {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accepting a tool's connection failed");
+                tokio::time::sleep(timeout.min(Duration::from_millis(100))).await;
+                continue;
+            }
+        };
+        let report = report.clone();
+        tokio_uring::spawn(async move {
+            let exchange = answer(Rc::new(stream), peer, &*report);
+            match tokio::time::timeout(timeout, exchange).await {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => tracing::warn!(%peer, %reason, "tool connection refused"),
+                Err(_) => {
+                    tracing::warn!(%peer, timeout_ms = timeout.as_millis() as u64, "tool connection timed out")
+                }
+            }
+        });
+    }
+}
+
+/// Reads the tool's Hello, answers, and waits for the tool to close: a
+/// socket closed with bytes unread would reset the connection under the
+/// answer.
+async fn answer(
+    stream: Rc<TcpStream>,
+    peer: SocketAddr,
+    report: &impl VolumeReport,
+) -> Result<(), String> {
+    let mut reader = FrameReader::new(stream.clone(), peer.to_string());
+    reader.fill().await.map_err(|error| error.to_string())?;
+    let refusal = {
+        let (frame, length) = reader.frame().map_err(|error| error.to_string())?;
+        let refusal = match frame {
+            Frame::Hello(hello) => refusal_of(&hello, &report.hello()),
+            other => Some(ErrorFrame::new(
+                ErrorCode::BadFrame,
+                format!("expected Hello, got {:?}", other.kind()),
+            )),
+        };
+        reader.consume(length);
+        refusal
+    };
+    let mut bytes = Vec::new();
+    match &refusal {
+        Some(error) => Frame::Error(error.clone()).encode(&mut bytes),
+        None => {
+            Frame::Hello(report.hello()).encode(&mut bytes);
+            Frame::VolumeState(report.volume_state()).encode(&mut bytes);
+        }
+    }
+    let (result, _) = stream.write_all(bytes).await;
+    result.map_err(|error| format!("answering: {error}"))?;
+    if let Some(error) = refusal {
+        return Err(error.message);
+    }
+    // Until the tool closes; anything it sends meanwhile is not for us.
+    let mut buffer = vec![0u8; 512];
+    loop {
+        let (result, returned) = stream.read(buffer).await;
+        buffer = returned;
+        match result {
+            Ok(0) | Err(_) => return Ok(()),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Why a connection with `hello` is refused by the primary saying `ours`,
+/// if it is.
+fn refusal_of(hello: &Hello, ours: &Hello) -> Option<ErrorFrame> {
+    if hello.volume_uuid != ours.volume_uuid {
+        return Some(ErrorFrame::new(
+            ErrorCode::WrongVolume,
+            format!(
+                "peer node {} serves volume {}, this primary serves {}",
+                hello.node_id,
+                uuid::Uuid::from_bytes(hello.volume_uuid),
+                uuid::Uuid::from_bytes(ours.volume_uuid)
+            ),
+        ));
+    }
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Some(ErrorFrame::new(
+            ErrorCode::ProtocolVersion,
+            format!(
+                "protocol version {} unsupported (this node speaks {PROTOCOL_VERSION})",
+                hello.protocol_version
+            ),
+        ));
+    }
+    if hello.role != Role::Tool {
+        return Some(ErrorFrame::new(
+            ErrorCode::BadFrame,
+            format!(
+                "node {} is the running primary and takes connections from tools only, not from a {:?}",
+                ours.node_id, hello.role
+            ),
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(role: Role) -> Hello {
+        Hello {
+            volume_uuid: [7; 16],
+            node_id: 1,
+            protocol_version: PROTOCOL_VERSION,
+            role,
+            epoch: 3,
+        }
+    }
+
+    #[test]
+    fn only_a_tool_of_the_same_volume_and_version_is_answered() {
+        let ours = hello(Role::Primary);
+        assert_eq!(refusal_of(&hello(Role::Tool), &ours), None);
+        let code = |peer: Hello| refusal_of(&peer, &ours).map(|error| error.code);
+        assert_eq!(code(hello(Role::Secondary)), Some(ErrorCode::BadFrame));
+        assert_eq!(code(hello(Role::Primary)), Some(ErrorCode::BadFrame));
+        let mut other_volume = hello(Role::Tool);
+        other_volume.volume_uuid = [8; 16];
+        assert_eq!(code(other_volume), Some(ErrorCode::WrongVolume));
+        let mut other_version = hello(Role::Tool);
+        other_version.protocol_version = PROTOCOL_VERSION + 1;
+        assert_eq!(code(other_version), Some(ErrorCode::ProtocolVersion));
+    }
+}
