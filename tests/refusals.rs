@@ -1,8 +1,9 @@
 //! Bad input gets a clear error and changes nothing: a misspelt config
 //! field, another volume's file, a corrupted frame, a stale primary, a
-//! LogRead of records the log does not hold and a primary started on a
-//! kernel without ublk are each refused, saying what and where, and no log
-//! or copy moves.
+//! LogRead of records the log does not hold, a primary started on a
+//! kernel without ublk and a connection to the running primary that is not
+//! a tool's are each refused, saying what and where, and no log, copy or
+//! connection moves.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -11,7 +12,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use replblk::config::ReplicationConfig;
-use replblk::node::local_cluster::LocalCluster;
+use replblk::net::{query_node, NodeReport};
+use replblk::node::local_cluster::{LocalCluster, PRIMARY_NODE_ID};
+use replblk::node::volume::Volume;
 use replblk::proto::{
     decode_frame, encode_update_header, ErrorCode, ErrorFrame, Frame, Hello, LogState, Role,
     UpdateHeader, PROTOCOL_VERSION, UPDATE_FLAG_FUA,
@@ -473,4 +476,72 @@ fn a_log_read_returns_the_records_and_refuses_what_the_log_does_not_hold() {
     let error = third.error();
     assert_eq!(error.code, ErrorCode::BadFrame, "{}", error.message);
     assert!(error.message.contains("LogRead"), "{}", error.message);
+}
+
+/// Connects to `address` with `hello` and returns the Error frame the peer
+/// answers with before closing.
+fn refused(address: std::net::SocketAddr, hello: Hello) -> (ErrorCode, String) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut bytes = Vec::new();
+    Frame::Hello(hello).encode(&mut bytes);
+    stream.write_all(&bytes).unwrap();
+    let mut received = Vec::new();
+    let _ = stream.read_to_end(&mut received);
+    match decode_frame(&received) {
+        Ok((Frame::Error(error), _)) => (error.code, error.message),
+        other => panic!("expected an Error frame, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_running_primary_answers_tools_only() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut cluster = cluster(dir.path());
+    cluster.start_secondary(2).unwrap();
+    let volume = Volume::start(cluster.config(), PRIMARY_NODE_ID).expect("primary starts");
+    let config = cluster.config();
+    let address = config.node(PRIMARY_NODE_ID).unwrap().address;
+    let volume_uuid = *config.volume.uuid.as_bytes();
+    let hello = |volume_uuid, role| Hello {
+        volume_uuid,
+        node_id: 9,
+        protocol_version: PROTOCOL_VERSION,
+        role,
+        epoch: 1,
+    };
+    let (code, message) = refused(address, hello(volume_uuid, Role::Secondary));
+    assert_eq!(code, ErrorCode::BadFrame, "{message}");
+    assert!(message.contains("tools only"), "{message}");
+    let (code, message) = refused(address, hello(volume_uuid, Role::Primary));
+    assert_eq!(code, ErrorCode::BadFrame, "{message}");
+    let (code, message) = refused(address, hello([0xAB; 16], Role::Tool));
+    assert_eq!(code, ErrorCode::WrongVolume, "{message}");
+    // The refusals changed nothing: a tool is still answered, and the
+    // primary still reaches its secondary.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let report = query_node(address, volume_uuid, Duration::from_secs(5));
+        let Ok(NodeReport::Primary {
+            hello,
+            volume: state,
+        }) = &report
+        else {
+            panic!("the primary answers a tool: {report:?}");
+        };
+        assert_eq!(hello.node_id, PRIMARY_NODE_ID);
+        let members: Vec<u32> = state.members.iter().map(|member| member.node_id).collect();
+        assert_eq!(members, vec![2]);
+        if state.members[0].connected {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "secondary 2 not connected after 10 s: {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    volume.stop().expect("the primary stops cleanly");
 }
