@@ -114,6 +114,11 @@ struct Cli {
     #[arg(long, default_value_t = DEFAULT_LOG_MIB,
           value_parser = clap::value_parser!(u64).range(4..=16384))]
     log_mib: u64,
+    /// Rounds: the whole run (the local baseline, then each volume) this
+    /// many times, each with its own table, then how often each target was
+    /// met. On a shared, noisy machine one round says little.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
 }
 
 /// How each volume is run (from the command line).
@@ -929,7 +934,7 @@ fn main() -> anyhow::Result<()> {
         secondary_run_dir.as_ref().map(parent).as_deref(),
     );
     let setup = format!(
-        "setup: volume and local file {} GiB, log {} MiB per secondary, {} s per workload after {} s of warm-up, default ReplicationConfig, secondaries on 127.0.0.1, volume workload {}; load average at start {}",
+        "setup: volume and local file {} GiB, log {} MiB per secondary, {} s per workload after {} s of warm-up, default ReplicationConfig, secondaries on 127.0.0.1, volume workload {}",
         VOLUME_BYTES >> 30,
         cli.log_mib,
         cli.seconds,
@@ -938,7 +943,6 @@ fn main() -> anyhow::Result<()> {
             Caller::Engine => "on the engine's thread",
             Caller::Thread => "on the benchmark's thread (through the channel)",
         },
-        load_average()
     );
     eprintln!("{machine}");
     eprintln!("{storage}");
@@ -948,23 +952,31 @@ fn main() -> anyhow::Result<()> {
     }
 
     let started = Instant::now();
-    let mut results = vec![bench_local(&run_dir.path, cli.seconds, interrupted)?];
-    for &secondaries in &cli.secondaries {
-        if interrupted.load(Ordering::Relaxed) {
-            bail!("interrupted");
+    let mut rounds = Vec::new();
+    for round in 1..=cli.rounds {
+        if cli.rounds > 1 {
+            eprintln!("round {round} of {}", cli.rounds);
         }
-        results.push(bench_volume(
-            &run_dir.path,
-            secondary_run_dir.as_ref().map(|dir| dir.path.as_path()),
-            &replblkd,
-            usize::from(secondaries),
-            VolumeOptions {
-                seconds: cli.seconds,
-                caller: cli.caller,
-                log_bytes: cli.log_mib << 20,
-            },
-            interrupted,
-        )?);
+        let load = load_average();
+        let mut results = vec![bench_local(&run_dir.path, cli.seconds, interrupted)?];
+        for &secondaries in &cli.secondaries {
+            if interrupted.load(Ordering::Relaxed) {
+                bail!("interrupted");
+            }
+            results.push(bench_volume(
+                &run_dir.path,
+                secondary_run_dir.as_ref().map(|dir| dir.path.as_path()),
+                &replblkd,
+                usize::from(secondaries),
+                VolumeOptions {
+                    seconds: cli.seconds,
+                    caller: cli.caller,
+                    log_bytes: cli.log_mib << 20,
+                },
+                interrupted,
+            )?);
+        }
+        rounds.push((load, results));
     }
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
     run_dir.remove();
@@ -972,24 +984,27 @@ fn main() -> anyhow::Result<()> {
         dir.remove();
     }
 
-    let rows = rows(&results);
-    let goals = goal_lines(&results);
-    let log_full = log_full_lines(&results);
-    let log_full_title = "waits for room in a secondary's log, summed over the secondaries, warm-up and the flush after included (a wait stops sending to that secondary until it clears):";
     println!("{machine}");
     println!("{storage}");
     println!("{setup}");
-    println!();
-    print!("{}", plain_table(&rows));
-    println!();
-    println!("targets of the issue (volume with 2 secondaries; information, not a failure):");
-    for goal in &goals {
-        println!("  {goal}");
-    }
-    if !log_full.is_empty() {
+    for (index, (load, results)) in rounds.iter().enumerate() {
         println!();
-        println!("{log_full_title}");
-        for line in &log_full {
+        if cli.rounds > 1 {
+            println!(
+                "round {} of {}, load average at start {load}",
+                index + 1,
+                cli.rounds
+            );
+        } else {
+            println!("load average at start {load}");
+        }
+        print_round(results, Style::Plain);
+    }
+    let summary = summary_lines(&rounds);
+    if !summary.is_empty() {
+        println!();
+        println!("{SUMMARY_TITLE}");
+        for line in &summary {
             println!("  {line}");
         }
     }
@@ -998,22 +1013,112 @@ fn main() -> anyhow::Result<()> {
         println!("{machine}  ");
         println!("{storage}  ");
         println!("{setup}");
-        println!();
-        print!("{}", markdown_table(&rows));
-        println!();
-        println!("Targets of the issue (volume with 2 secondaries):");
-        println!();
-        for goal in &goals {
-            println!("- {goal}");
+        for (index, (load, results)) in rounds.iter().enumerate() {
+            println!();
+            if cli.rounds > 1 {
+                println!(
+                    "Round {} of {}, load average at start {load}:",
+                    index + 1,
+                    cli.rounds
+                );
+            } else {
+                println!("Load average at start {load}.");
+            }
+            println!();
+            print_round(results, Style::Markdown);
         }
-        if !log_full.is_empty() {
+        if !summary.is_empty() {
             println!();
-            println!("{}", capitalized(log_full_title));
+            println!("{}", capitalized(SUMMARY_TITLE));
             println!();
-            for line in &log_full {
+            for line in &summary {
                 println!("- {line}");
             }
         }
     }
     Ok(())
+}
+
+/// How [`print_round`] prints.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Style {
+    Plain,
+    Markdown,
+}
+
+const LOG_FULL_TITLE: &str = "waits for room in a secondary's log, summed over the secondaries, warm-up and the flush after included (a wait stops sending to that secondary until it clears):";
+const GOALS_TITLE: &str =
+    "targets of the issue (volume with 2 secondaries; information, not a failure):";
+const SUMMARY_TITLE: &str = "targets over all rounds (volume with 2 secondaries):";
+
+/// One round's table, its targets and its log-full waits.
+fn print_round(results: &[TargetResult], style: Style) {
+    let rows = rows(results);
+    let goals = goal_lines(results);
+    let log_full = log_full_lines(results);
+    let (table, bullet) = match style {
+        Style::Plain => (plain_table(&rows), "  "),
+        Style::Markdown => (markdown_table(&rows), "- "),
+    };
+    let title = |text: &str| match style {
+        Style::Plain => text.to_owned(),
+        Style::Markdown => format!("{}\n", capitalized(text)),
+    };
+    print!("{table}");
+    if !goals.is_empty() {
+        println!();
+        println!("{}", title(GOALS_TITLE));
+        for goal in &goals {
+            println!("{bullet}{goal}");
+        }
+    }
+    if !log_full.is_empty() {
+        println!();
+        println!("{}", title(LOG_FULL_TITLE));
+        for line in &log_full {
+            println!("{bullet}{line}");
+        }
+    }
+}
+
+/// With more than one round: per target, the range and median of its
+/// ratio and how many rounds met it.
+fn summary_lines(rounds: &[(String, Vec<TargetResult>)]) -> Vec<String> {
+    if rounds.len() < 2 {
+        return Vec::new();
+    }
+    GOALS
+        .iter()
+        .filter_map(|goal| {
+            let mut ratios: Vec<(f64, bool)> = rounds
+                .iter()
+                .filter_map(|(_, results)| {
+                    let local = &results[0];
+                    let two = results.iter().find(|r| r.name == "replblk-2")?;
+                    Some((goal.achieved)(
+                        &two.measured[goal.workload],
+                        &local.measured[goal.workload],
+                    ))
+                })
+                .collect();
+            if ratios.is_empty() {
+                return None;
+            }
+            let met = ratios.iter().filter(|(_, met)| *met).count();
+            ratios.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let middle = ratios.len() / 2;
+            let median = if ratios.len().is_multiple_of(2) {
+                (ratios[middle - 1].0 + ratios[middle].0) / 2.0
+            } else {
+                ratios[middle].0
+            };
+            Some(format!(
+                "{}: {:.2}x-{:.2}x, median {median:.2}x, met in {met} of {}",
+                goal.text,
+                ratios[0].0,
+                ratios[ratios.len() - 1].0,
+                ratios.len()
+            ))
+        })
+        .collect()
 }
