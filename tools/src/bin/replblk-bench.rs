@@ -33,7 +33,7 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::rc::Rc;
@@ -119,6 +119,12 @@ struct Cli {
     /// met. On a shared, noisy machine one round says little.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: u32,
+    /// Write the local file and every node's copy in full (zeros) before
+    /// measuring, as a block device or a preallocated file would be. By
+    /// default they are sparse, as `replblk-ctl init` makes copies, and
+    /// the filesystem allocates blocks during the workloads.
+    #[arg(long)]
+    prefill: bool,
 }
 
 /// How each volume is run (from the command line).
@@ -127,6 +133,28 @@ struct VolumeOptions {
     seconds: u64,
     caller: Caller,
     log_bytes: u64,
+    prefill: bool,
+}
+
+/// Size of each write of [`prefill`].
+const PREFILL_CHUNK_BYTES: usize = 8 << 20;
+
+/// Writes zeros over the first `VOLUME_BYTES` of `path` and syncs it, so
+/// that the workloads write into allocated blocks.
+fn prefill(path: &Path) -> anyhow::Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {} to fill it", path.display()))?;
+    let zeros = vec![0u8; PREFILL_CHUNK_BYTES];
+    let mut offset_bytes = 0;
+    while offset_bytes < VOLUME_BYTES {
+        file.write_all_at(&zeros, offset_bytes)
+            .with_context(|| format!("filling {}", path.display()))?;
+        offset_bytes += PREFILL_CHUNK_BYTES as u64;
+    }
+    file.sync_data()
+        .with_context(|| format!("fdatasync of {}", path.display()))
 }
 
 /// Where a volume's workload runs (see `Args::caller`).
@@ -409,6 +437,7 @@ fn progress(target: &str, workload: &Workload, measured: &Measured) {
 fn bench_local(
     dir: &Path,
     seconds: u64,
+    fill: bool,
     interrupted: &'static AtomicBool,
 ) -> anyhow::Result<TargetResult> {
     let path = dir.join("local.data");
@@ -419,9 +448,12 @@ fn bench_local(
         .custom_flags(libc::O_DIRECT)
         .open(&path)
         .with_context(|| format!("opening {} with O_DIRECT", path.display()))?;
-    // Sparse, like the volume's copies.
+    // Sparse, like the volume's copies (unless both are filled).
     file.set_len(VOLUME_BYTES)
         .with_context(|| format!("sizing {}", path.display()))?;
+    if fill {
+        prefill(&path)?;
+    }
     let measured = tokio_uring::start(async {
         let file = Rc::new(LocalFile(tokio_uring::fs::File::from_std(file)));
         let mut measured = Vec::new();
@@ -459,6 +491,7 @@ fn bench_volume(
         seconds,
         caller,
         log_bytes,
+        prefill: fill,
     } = options;
     let name = format!("replblk-{secondaries}");
     let cluster_dir = dir.join(&name);
@@ -478,6 +511,11 @@ fn bench_volume(
         &ReplicationConfig::default(),
     )
     .map_err(|e| anyhow!("{name}: creating the cluster: {e}"))?;
+    if fill {
+        for node in &cluster.config().nodes {
+            prefill(&node.data_path).with_context(|| format!("{name}: node {}", node.id))?;
+        }
+    }
     cluster
         .start_secondaries()
         .map_err(|e| anyhow!("{name}: starting the secondaries: {e}"))?;
@@ -934,8 +972,13 @@ fn main() -> anyhow::Result<()> {
         secondary_run_dir.as_ref().map(parent).as_deref(),
     );
     let setup = format!(
-        "setup: volume and local file {} GiB, log {} MiB per secondary, {} s per workload after {} s of warm-up, default ReplicationConfig, secondaries on 127.0.0.1, volume workload {}",
+        "setup: volume and local file {} GiB ({}), log {} MiB per secondary, {} s per workload after {} s of warm-up, default ReplicationConfig, secondaries on 127.0.0.1, volume workload {}",
         VOLUME_BYTES >> 30,
+        if cli.prefill {
+            "every file written in full before measuring"
+        } else {
+            "sparse"
+        },
         cli.log_mib,
         cli.seconds,
         WARMUP.as_secs(),
@@ -958,7 +1001,12 @@ fn main() -> anyhow::Result<()> {
             eprintln!("round {round} of {}", cli.rounds);
         }
         let load = load_average();
-        let mut results = vec![bench_local(&run_dir.path, cli.seconds, interrupted)?];
+        let mut results = vec![bench_local(
+            &run_dir.path,
+            cli.seconds,
+            cli.prefill,
+            interrupted,
+        )?];
         for &secondaries in &cli.secondaries {
             if interrupted.load(Ordering::Relaxed) {
                 bail!("interrupted");
@@ -972,6 +1020,7 @@ fn main() -> anyhow::Result<()> {
                     seconds: cli.seconds,
                     caller: cli.caller,
                     log_bytes: cli.log_mib << 20,
+                    prefill: cli.prefill,
                 },
                 interrupted,
             )?);
