@@ -330,25 +330,8 @@ impl Node {
             ));
         };
         reader.consume(length);
-        if hello.volume_uuid != self.volume_uuid {
-            return Err(Refusal::new(
-                ErrorCode::WrongVolume,
-                format!(
-                    "peer node {} serves volume {}, this node serves {}",
-                    hello.node_id,
-                    uuid::Uuid::from_bytes(hello.volume_uuid),
-                    uuid::Uuid::from_bytes(self.volume_uuid)
-                ),
-            ));
-        }
-        if hello.protocol_version != PROTOCOL_VERSION {
-            return Err(Refusal::new(
-                ErrorCode::ProtocolVersion,
-                format!(
-                    "protocol version {} unsupported (this node speaks {PROTOCOL_VERSION})",
-                    hello.protocol_version
-                ),
-            ));
+        if let Some(error) = hello.refusal(self.volume_uuid) {
+            return Err(Refusal::new(error.code, error.message));
         }
         if hello.role == Role::Primary {
             // A new epoch is a header change, and only one may be under

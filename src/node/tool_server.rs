@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio_uring::net::{TcpListener, TcpStream};
 
 use crate::net::FrameReader;
-use crate::proto::{ErrorCode, ErrorFrame, Frame, Hello, Role, VolumeState, PROTOCOL_VERSION};
+use crate::proto::{ErrorCode, ErrorFrame, Frame, Hello, Role, VolumeState};
 
 /// What the server needs of the engine.
 pub(crate) trait VolumeReport {
@@ -118,25 +118,8 @@ async fn answer(
 /// Why a connection with `hello` is refused by the primary saying `ours`,
 /// if it is.
 fn refusal_of(hello: &Hello, ours: &Hello) -> Option<ErrorFrame> {
-    if hello.volume_uuid != ours.volume_uuid {
-        return Some(ErrorFrame::new(
-            ErrorCode::WrongVolume,
-            format!(
-                "peer node {} serves volume {}, this primary serves {}",
-                hello.node_id,
-                uuid::Uuid::from_bytes(hello.volume_uuid),
-                uuid::Uuid::from_bytes(ours.volume_uuid)
-            ),
-        ));
-    }
-    if hello.protocol_version != PROTOCOL_VERSION {
-        return Some(ErrorFrame::new(
-            ErrorCode::ProtocolVersion,
-            format!(
-                "protocol version {} unsupported (this node speaks {PROTOCOL_VERSION})",
-                hello.protocol_version
-            ),
-        ));
+    if let Some(error) = hello.refusal(ours.volume_uuid) {
+        return Some(error);
     }
     if hello.role != Role::Tool {
         return Some(ErrorFrame::new(
@@ -153,6 +136,7 @@ fn refusal_of(hello: &Hello, ours: &Hello) -> Option<ErrorFrame> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::PROTOCOL_VERSION;
 
     fn hello(role: Role) -> Hello {
         Hello {

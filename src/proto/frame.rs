@@ -444,6 +444,35 @@ pub struct Hello {
     pub epoch: u64,
 }
 
+impl Hello {
+    /// Why a node serving `volume_uuid` refuses this Hello, if it does:
+    /// another volume, or a protocol version not spoken here. The role
+    /// and the epoch are for the conversation to judge.
+    pub fn refusal(&self, volume_uuid: [u8; 16]) -> Option<ErrorFrame> {
+        if self.volume_uuid != volume_uuid {
+            return Some(ErrorFrame::new(
+                ErrorCode::WrongVolume,
+                format!(
+                    "peer node {} serves volume {}, this node serves {}",
+                    self.node_id,
+                    uuid::Uuid::from_bytes(self.volume_uuid),
+                    uuid::Uuid::from_bytes(volume_uuid)
+                ),
+            ));
+        }
+        if self.protocol_version != PROTOCOL_VERSION {
+            return Some(ErrorFrame::new(
+                ErrorCode::ProtocolVersion,
+                format!(
+                    "protocol version {} unsupported (this node speaks {PROTOCOL_VERSION})",
+                    self.protocol_version
+                ),
+            ));
+        }
+        None
+    }
+}
+
 /// Fixed part of an Update body; the data follows it on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpdateHeader {
