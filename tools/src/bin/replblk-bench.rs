@@ -1033,57 +1033,12 @@ fn main() -> anyhow::Result<()> {
         dir.remove();
     }
 
-    println!("{machine}");
-    println!("{storage}");
-    println!("{setup}");
-    for (index, (load, results)) in rounds.iter().enumerate() {
-        println!();
-        if cli.rounds > 1 {
-            println!(
-                "round {} of {}, load average at start {load}",
-                index + 1,
-                cli.rounds
-            );
-        } else {
-            println!("load average at start {load}");
-        }
-        print_round(results, Style::Plain);
-    }
+    let header = [machine.as_str(), storage.as_str(), setup.as_str()];
     let summary = summary_lines(&rounds);
-    if !summary.is_empty() {
-        println!();
-        println!("{SUMMARY_TITLE}");
-        for line in &summary {
-            println!("  {line}");
-        }
-    }
+    print_report(header, &rounds, &summary, Style::Plain);
     if cli.markdown {
         println!();
-        println!("{machine}  ");
-        println!("{storage}  ");
-        println!("{setup}");
-        for (index, (load, results)) in rounds.iter().enumerate() {
-            println!();
-            if cli.rounds > 1 {
-                println!(
-                    "Round {} of {}, load average at start {load}:",
-                    index + 1,
-                    cli.rounds
-                );
-            } else {
-                println!("Load average at start {load}.");
-            }
-            println!();
-            print_round(results, Style::Markdown);
-        }
-        if !summary.is_empty() {
-            println!();
-            println!("{}", capitalized(SUMMARY_TITLE));
-            println!();
-            for line in &summary {
-                println!("- {line}");
-            }
-        }
+        print_report(header, &rounds, &summary, Style::Markdown);
     }
     Ok(())
 }
@@ -1100,34 +1055,77 @@ const GOALS_TITLE: &str =
     "targets of the issue (volume with 2 secondaries; information, not a failure):";
 const SUMMARY_TITLE: &str = "targets over all rounds (volume with 2 secondaries):";
 
+impl Style {
+    /// A heading line (and, in Markdown, the blank line after it).
+    fn title(self, text: &str) -> String {
+        match self {
+            Style::Plain => text.to_owned(),
+            Style::Markdown => format!("{}\n", capitalized(text)),
+        }
+    }
+
+    /// What starts each line of a list.
+    fn bullet(self) -> &'static str {
+        match self {
+            Style::Plain => "  ",
+            Style::Markdown => "- ",
+        }
+    }
+
+    /// Prints `lines` under `title`, after a blank line; nothing if empty.
+    fn list(self, title: &str, lines: &[String]) {
+        if lines.is_empty() {
+            return;
+        }
+        println!();
+        println!("{}", self.title(title));
+        for line in lines {
+            println!("{}{line}", self.bullet());
+        }
+    }
+}
+
+/// The whole report: header lines, every round, and the summary.
+fn print_report(
+    header: [&str; 3],
+    rounds: &[(String, Vec<TargetResult>)],
+    summary: &[String],
+    style: Style,
+) {
+    // Markdown needs two trailing spaces to keep the header's lines apart.
+    let line_end = if style == Style::Markdown { "  " } else { "" };
+    println!("{}{line_end}", header[0]);
+    println!("{}{line_end}", header[1]);
+    println!("{}", header[2]);
+    for (index, (load, results)) in rounds.iter().enumerate() {
+        let heading = if rounds.len() > 1 {
+            format!(
+                "round {} of {}, load average at start {load}",
+                index + 1,
+                rounds.len()
+            )
+        } else {
+            format!("load average at start {load}")
+        };
+        println!();
+        println!("{}", style.title(&heading));
+        print_round(results, style);
+    }
+    style.list(SUMMARY_TITLE, summary);
+}
+
 /// One round's table, its targets and its log-full waits.
 fn print_round(results: &[TargetResult], style: Style) {
     let rows = rows(results);
-    let goals = goal_lines(results);
-    let log_full = log_full_lines(results);
-    let (table, bullet) = match style {
-        Style::Plain => (plain_table(&rows), "  "),
-        Style::Markdown => (markdown_table(&rows), "- "),
-    };
-    let title = |text: &str| match style {
-        Style::Plain => text.to_owned(),
-        Style::Markdown => format!("{}\n", capitalized(text)),
-    };
-    print!("{table}");
-    if !goals.is_empty() {
-        println!();
-        println!("{}", title(GOALS_TITLE));
-        for goal in &goals {
-            println!("{bullet}{goal}");
+    print!(
+        "{}",
+        match style {
+            Style::Plain => plain_table(&rows),
+            Style::Markdown => markdown_table(&rows),
         }
-    }
-    if !log_full.is_empty() {
-        println!();
-        println!("{}", title(LOG_FULL_TITLE));
-        for line in &log_full {
-            println!("{bullet}{line}");
-        }
-    }
+    );
+    style.list(GOALS_TITLE, &goal_lines(results));
+    style.list(LOG_FULL_TITLE, &log_full_lines(results));
 }
 
 /// With more than one round: per target, the range and median of its
