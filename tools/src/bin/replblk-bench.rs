@@ -28,7 +28,10 @@
 //! `--secondary-dir` the secondaries' copies and logs go to a fresh
 //! directory under that one instead (removed the same way), standing in for
 //! the secondaries' own disks; the primary's copy and the baseline stay
-//! under `--dir`.
+//! under `--dir`. The files are sparse unless `--prefill` writes them in
+//! full first; `--rounds N` repeats the whole run and says how often each
+//! target was met; `--log-mib` sizes the secondaries' logs, and the report
+//! counts the waits for room in them.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
