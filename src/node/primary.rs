@@ -516,24 +516,20 @@ impl super::tool_server::VolumeReport for Engine {
     }
 
     fn volume_state(&self) -> VolumeState {
-        let core = self.core.borrow();
+        let status = self.status();
         VolumeState {
             epoch: self.epoch,
-            next_seq: core.next_seq(),
-            all_acked_seq: core.all_acked_seq(),
-            in_flight: u32::try_from(core.in_flight()).unwrap_or(u32::MAX),
-            members: self
+            next_seq: status.next_seq,
+            all_acked_seq: status.all_acked_seq,
+            in_flight: u32::try_from(status.in_flight).unwrap_or(u32::MAX),
+            members: status
                 .members
                 .iter()
-                .enumerate()
-                .map(|(index, member)| {
-                    let stats = core.member_stats(index);
-                    VolumeMember {
-                        node_id: member.node_id,
-                        connected: core.is_connected(index),
-                        log_full_waits: stats.log_full_waits,
-                        log_full_wait_ms: stats.log_full_wait_ms,
-                    }
+                .map(|member| VolumeMember {
+                    node_id: member.node_id,
+                    connected: member.connected,
+                    log_full_waits: member.stats.log_full_waits,
+                    log_full_wait_ms: member.stats.log_full_wait_ms,
                 })
                 .collect(),
         }
@@ -545,6 +541,26 @@ impl super::tool_server::VolumeReport for Engine {
 }
 
 impl Engine {
+    /// How the volume stands now: for `Volume::status` and for tools.
+    fn status(&self) -> VolumeStatus {
+        let core = self.core.borrow();
+        VolumeStatus {
+            next_seq: core.next_seq(),
+            all_acked_seq: core.all_acked_seq(),
+            in_flight: core.in_flight(),
+            members: self
+                .members
+                .iter()
+                .enumerate()
+                .map(|(index, member)| MemberStatus {
+                    node_id: member.node_id,
+                    connected: core.is_connected(index),
+                    stats: core.member_stats(index),
+                })
+                .collect(),
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.clock.elapsed().as_millis() as u64
     }
@@ -706,23 +722,7 @@ impl Engine {
                 tokio_uring::spawn(job(local));
             }
             Command::Status { reply } => {
-                let core = self.core.borrow();
-                let members = self
-                    .members
-                    .iter()
-                    .enumerate()
-                    .map(|(index, member)| MemberStatus {
-                        node_id: member.node_id,
-                        connected: core.is_connected(index),
-                        stats: core.member_stats(index),
-                    })
-                    .collect();
-                let _ = reply.send(VolumeStatus {
-                    next_seq: core.next_seq(),
-                    all_acked_seq: core.all_acked_seq(),
-                    in_flight: core.in_flight(),
-                    members,
-                });
+                let _ = reply.send(self.status());
             }
         }
     }
