@@ -11,13 +11,15 @@
 //! wake-up reaches the queue thread through an eventfd polled in the queue's
 //! own ring (see [`wake`]), the one bridge that respects the rule that only
 //! the queue thread touches its ring. Queue 0 may instead be hosted on the
-//! target's own thread and async runtime ([`HostedQueue`]), so that its
-//! requests cross no thread at all.
+//! target's own thread and tokio-uring runtime ([`HostedQueue`]), its
+//! commands in the target's own ring, so that its requests cross no thread
+//! at all.
 
 #![warn(missing_docs)]
 
 mod device;
 mod error;
+mod host_ring;
 mod hosted;
 mod queue;
 pub mod ring;

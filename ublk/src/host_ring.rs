@@ -1,0 +1,143 @@
+//! A hosted queue's operations on its host's own io_uring.
+//!
+//! A hosted queue ([`crate::HostedQueue`]) runs on a thread whose runtime is
+//! tokio-uring. Its ublk commands and its target's reads go into that
+//! runtime's ring, the same ring as the host's file writes and sockets, so
+//! the thread has one ring to submit to and one to wait on: a request, its
+//! write to the copy and its commit are all completions of that ring, and
+//! no second ring must be polled, entered and reaped beside it.
+//!
+//! The kernel takes a queue's commands only from the task that fetched its
+//! first request, i.e. the thread that enters the ring; tokio-uring's ring
+//! is entered by its runtime's thread alone, the host's thread.
+
+use std::cell::Cell;
+use std::os::fd::RawFd;
+
+use io_uring_for_tokio::{cqueue, opcode, types};
+use tokio_uring::{OneshotOutputTransform, UnsubmittedOneshot};
+
+thread_local! {
+    /// Whether this thread serves a hosted queue, whose reads go to the
+    /// host's ring rather than libublk's.
+    static SERVING_HOSTED_QUEUE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as a hosted queue's host until dropped.
+pub(crate) struct HostedThread(());
+
+impl HostedThread {
+    pub(crate) fn enter() -> HostedThread {
+        SERVING_HOSTED_QUEUE.with(|serving| serving.set(true));
+        HostedThread(())
+    }
+}
+
+impl Drop for HostedThread {
+    fn drop(&mut self) {
+        SERVING_HOSTED_QUEUE.with(|serving| serving.set(false));
+    }
+}
+
+/// Whether the calling thread serves a hosted queue.
+pub(crate) fn serving_hosted_queue() -> bool {
+    SERVING_HOSTED_QUEUE.with(Cell::get)
+}
+
+/// The completion's result, as the kernel gave it (bytes or -errno).
+struct RawResult;
+
+impl OneshotOutputTransform for RawResult {
+    type Output = i32;
+    type StoredData = ();
+
+    fn transform_oneshot_output(self, (): (), cqe: cqueue::Entry) -> i32 {
+        cqe.result()
+    }
+}
+
+/// Submits `entry` to the calling thread's tokio-uring ring and waits for
+/// its result. What the entry points at must stay valid until the result
+/// arrives, also if this future is dropped before that.
+async fn submit(entry: io_uring_for_tokio::squeue::Entry) -> i32 {
+    UnsubmittedOneshot::new((), RawResult, entry).submit().await
+}
+
+/// The 16 bytes of a `ublksrv_io_cmd`, laid out as the kernel reads them.
+fn io_command_bytes(queue_id: u16, tag: u16, result: i32, buffer_address: u64) -> [u8; 16] {
+    let mut bytes = [0_u8; 16];
+    bytes[0..2].copy_from_slice(&queue_id.to_ne_bytes());
+    bytes[2..4].copy_from_slice(&tag.to_ne_bytes());
+    bytes[4..8].copy_from_slice(&result.to_ne_bytes());
+    bytes[8..16].copy_from_slice(&buffer_address.to_ne_bytes());
+    bytes
+}
+
+/// One ublk io command (`UBLK_U_IO_FETCH_REQ` or
+/// `UBLK_U_IO_COMMIT_AND_FETCH_REQ`) for `tag` of queue `queue_id` on the
+/// device's char device `device_fd`; returns the kernel's result
+/// (`UBLK_IO_RES_OK` once a request is waiting in the tag,
+/// `UBLK_IO_RES_ABORT` once the queue is going away). The kernel copies
+/// requests into and out of `buffer_address` until the next command's
+/// result: the caller keeps that memory valid until then.
+pub(crate) async fn io_command(
+    device_fd: RawFd,
+    ioctl_encoded: bool,
+    queue_id: u16,
+    tag: u16,
+    command: u32,
+    result: i32,
+    buffer_address: u64,
+) -> i32 {
+    // Drivers without UBLK_F_CMD_IOCTL_ENCODE know the commands by their
+    // number alone, as libublk sends them.
+    let command = if ioctl_encoded {
+        command
+    } else {
+        command & 0xff
+    };
+    let entry = opcode::UringCmd16::new(types::Fd(device_fd), command)
+        .cmd(io_command_bytes(queue_id, tag, result, buffer_address))
+        .build();
+    submit(entry).await
+}
+
+/// Reads into `buffer` from `offset_bytes` of `fd` through the host's ring;
+/// returns bytes read or -errno. Must be awaited to its end: the kernel
+/// writes into `buffer` until the result arrives.
+pub(crate) async fn read_at(fd: RawFd, offset_bytes: u64, buffer: &mut [u8]) -> i32 {
+    let length = u32::try_from(buffer.len()).expect("read checked against 4 GiB by the caller");
+    let entry = opcode::Read::new(types::Fd(fd), buffer.as_mut_ptr(), length)
+        .offset(offset_bytes)
+        .build();
+    submit(entry).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libublk::sys;
+
+    #[test]
+    fn io_command_bytes_follow_the_kernels_struct() {
+        let bytes = io_command_bytes(3, 17, -5, 0x1122_3344_5566_7788);
+        let at = |offset: usize, length: usize| &bytes[offset..offset + length];
+        assert_eq!(std::mem::size_of::<sys::ublksrv_io_cmd>(), 16);
+        assert_eq!(
+            at(std::mem::offset_of!(sys::ublksrv_io_cmd, q_id), 2),
+            &3_u16.to_ne_bytes()
+        );
+        assert_eq!(
+            at(std::mem::offset_of!(sys::ublksrv_io_cmd, tag), 2),
+            &17_u16.to_ne_bytes()
+        );
+        assert_eq!(
+            at(std::mem::offset_of!(sys::ublksrv_io_cmd, result), 4),
+            &(-5_i32).to_ne_bytes()
+        );
+        assert_eq!(
+            at(std::mem::offset_of!(sys::ublksrv_io_cmd, addr), 8),
+            &0x1122_3344_5566_7788_u64.to_ne_bytes()
+        );
+    }
+}
