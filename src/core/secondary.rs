@@ -25,22 +25,18 @@ use std::collections::VecDeque;
 
 use thiserror::Error;
 
-/// Alignment and granularity of records in the ring.
-pub const RECORD_ALIGN_BYTES: u64 = 4096;
-/// Bytes of record header in front of the payload.
-pub const RECORD_HEADER_BYTES: u64 = 64;
+/// Alignment and granularity of records in the ring (the log format's,
+/// FORMAT.md).
+pub const RECORD_ALIGN_BYTES: u64 = crate::wal::format::LOG_ALIGN_BYTES;
 /// Most applies to the copy in flight at once. Applied one at a time, a
 /// secondary took about 20k 4 KiB updates a second at best, fewer than a
 /// primary sends at queue depth 32: its log filled and stalled the primary.
 pub const APPLY_IN_FLIGHT_MAX: u64 = 32;
 
-/// Size of the record holding a payload of `length_bytes`.
-pub fn record_size_bytes(length_bytes: u32) -> u64 {
-    crate::buf::round_up(
-        RECORD_HEADER_BYTES + u64::from(length_bytes),
-        RECORD_ALIGN_BYTES,
-    )
-}
+/// Size of the record holding a payload of `length_bytes`: the log
+/// format's own measure, which the primary's flow control and this state
+/// machine's ring accounting must share with the bytes actually written.
+pub use crate::wal::format::record_size_bytes;
 
 /// Configuration of one secondary's log and copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
