@@ -4,7 +4,7 @@
 //! recovery scan, the tools and the tests. docs/FORMAT.md is the prose
 //! version of this file; keep them in step.
 
-use crate::buf::{round_up, AlignedBuf, PAGE_SIZE_BYTES};
+use crate::buf::{round_up, PAGE_SIZE_BYTES};
 
 use super::error::WalError;
 
@@ -553,10 +553,13 @@ impl RecordHeader {
 }
 
 /// Lays out one record (header, payload, zero padding) in a fresh aligned
-/// buffer ready for an O_DIRECT write. Copies the payload once.
-pub fn build_record(header: &RecordHeader, payload: &[u8]) -> AlignedBuf {
+/// buffer ready for an O_DIRECT write, for tests. The secondary builds its
+/// records in pooled buffers, around a payload often received in place
+/// ([`complete_record_around_payload`]).
+#[cfg(test)]
+pub(crate) fn build_record(header: &RecordHeader, payload: &[u8]) -> crate::buf::AlignedBuf {
     let size = usize::try_from(header.size_bytes()).expect("record size fits in memory");
-    let mut buf = AlignedBuf::zeroed_around(size, RECORD_PAYLOAD_OFFSET_BYTES, payload);
+    let mut buf = crate::buf::AlignedBuf::zeroed_around(size, RECORD_PAYLOAD_OFFSET_BYTES, payload);
     header.encode(
         payload,
         &mut buf.as_mut_slice()[..RECORD_PAYLOAD_OFFSET_BYTES],

@@ -19,12 +19,12 @@ pub mod recovery;
 pub use error::WalError;
 pub use file::{LogFile, RingReader, StagedHeader};
 pub use format::{
-    build_record, complete_record_around_payload, decode_header_page, header_slot_range,
-    record_size_bytes, split_at_wrap, CurrentHeader, LogHeader, RecordHeader, LOG_ALIGN_BYTES,
-    LOG_FORMAT_VERSION, LOG_HEADER_SIZE_BYTES, LOG_HEADER_SLOT_COUNT,
-    LOG_HEADER_SLOT_OFFSETS_BYTES, LOG_HEADER_USED_BYTES, LOG_MAGIC, LOG_SIZE_MIN_BYTES,
-    RECORD_FLAG_FUA, RECORD_HEADER_SIZE_BYTES, RECORD_KIND_UPDATE, RECORD_MAGIC,
-    RECORD_PAYLOAD_MAX_BYTES, RECORD_PAYLOAD_OFFSET_BYTES, RECORD_SEQ_FIRST, RECORD_SIZE_MAX_BYTES,
+    complete_record_around_payload, decode_header_page, header_slot_range, record_size_bytes,
+    split_at_wrap, CurrentHeader, LogHeader, RecordHeader, LOG_ALIGN_BYTES, LOG_FORMAT_VERSION,
+    LOG_HEADER_SIZE_BYTES, LOG_HEADER_SLOT_COUNT, LOG_HEADER_SLOT_OFFSETS_BYTES,
+    LOG_HEADER_USED_BYTES, LOG_MAGIC, LOG_SIZE_MIN_BYTES, RECORD_FLAG_FUA,
+    RECORD_HEADER_SIZE_BYTES, RECORD_KIND_UPDATE, RECORD_MAGIC, RECORD_PAYLOAD_MAX_BYTES,
+    RECORD_PAYLOAD_OFFSET_BYTES, RECORD_SEQ_FIRST, RECORD_SIZE_MAX_BYTES,
 };
 pub use recovery::{
     read_records, scan, ReadRecordsError, RingRead, ScanError, ScanOutcome, StopReason,
