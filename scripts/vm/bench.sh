@@ -221,6 +221,9 @@ onoff() { case $1 in 1|on) echo on ;; 0|off) echo off ;; *) echo "unknown" ;; es
     echo "vs: IOPS (MiB/s for seqwrite-1m) divided by that target's in the same run; higher is better."
 } > "$out/table.md"
 cat "$out/table.md"
-if [ -n "$markdown" ]; then cp "$out/table.md" "$markdown"; fi
+# --markdown may name the table itself (--out DIR --markdown DIR/table.md).
+if [ -n "$markdown" ] && ! [ "$markdown" -ef "$out/table.md" ]; then
+    cp "$out/table.md" "$markdown"
+fi
 say "guest run exit $rc, $wall s; results in $out"
 exit "$rc"
