@@ -440,4 +440,30 @@ mod tests {
             -libc::EIO
         );
     }
+
+    /// Counts its drops, standing for a tag's buffer.
+    struct Counted(std::rc::Rc<std::cell::Cell<u32>>);
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.set(self.0.get() + 1);
+        }
+    }
+
+    #[test]
+    fn a_tag_buffer_lent_to_the_kernel_is_leaked_not_freed() {
+        let drops = std::rc::Rc::new(std::cell::Cell::new(0));
+        let lent = TagMemory {
+            buffer: Some(Counted(drops.clone())),
+            lent_to_kernel: true,
+        };
+        drop(lent);
+        assert_eq!(drops.get(), 0, "freed while the kernel may write into it");
+        let returned = TagMemory {
+            buffer: Some(Counted(drops.clone())),
+            lent_to_kernel: false,
+        };
+        drop(returned);
+        assert_eq!(drops.get(), 1, "a buffer the kernel gave back is freed");
+    }
 }
