@@ -9,8 +9,8 @@
 #
 # Usage: scripts/vm/bench.sh [--runtime S] [--ramp S] [--size-mib N]
 #            [--jobs "JOB..."] [--targets "TARGET..."] [--out DIR]
-#            [--markdown FILE] [--no-build] [--replblk-wait S] [--timeout S]
-#            [--backing tmpfs|ext4-ram]
+#            [--markdown FILE] [--no-build] [--replblk-bin DIR]
+#            [--replblk-wait S] [--timeout S] [--backing tmpfs|ext4-ram]
 #   --runtime S       measured seconds per job and target (default 15)
 #   --ramp S          unmeasured seconds before each (default 2)
 #   --size-mib N      size of every device and backing file (default 256)
@@ -21,6 +21,9 @@
 #   --markdown FILE   also write the table (with its header lines) to FILE
 #   --no-build        use target/release/{replblkd,replblk-ctl} as they are,
 #                     without cargo build --release first
+#   --replblk-bin DIR take replblkd and replblk-ctl from DIR instead of
+#                     target/release, and build nothing (scripts/vm/ab.sh
+#                     compares builds this way)
 #   --replblk-wait S  how long replblkd primary gets to make its device, and
 #                     its secondaries to answer (default 30)
 #   --timeout S       for the whole guest run (default: from the above)
@@ -45,12 +48,13 @@ repo=$(cd "$here/../.." && pwd)
 cache=${REPLBLK_VM_CACHE:-/var/cache/replblk-vm}
 libublk_version=${REPLBLK_LIBUBLK_VERSION:-0.4.8}
 runtime=15 ramp=2 size_mib=256 out="" markdown="" build=1 replblk_wait=30 timeout="" backing=tmpfs
+replblk_bin=""
 jobs="randwrite-qd1 randwrite-qd32 seqwrite-1m randrw-70-30"
 targets="kernel-loop libublk-loop replblk-0 replblk-2"
 
 say() { echo "bench.sh: $*" >&2; }
 die() { say "error: $*"; exit 1; }
-usage() { sed -n '2,39p' "$0" >&2; exit 2; }
+usage() { sed -n '2,43p' "$0" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case $1 in
         --runtime) runtime=${2:?}; shift 2 ;;
@@ -61,6 +65,7 @@ while [ $# -gt 0 ]; do
         --out) out=${2:?}; shift 2 ;;
         --markdown) markdown=${2:?}; shift 2 ;;
         --no-build) build=0; shift ;;
+        --replblk-bin) replblk_bin=$(cd "${2:?}" && pwd); build=0; shift 2 ;;
         --replblk-wait) replblk_wait=${2:?}; shift 2 ;;
         --timeout) timeout=${2:?}; shift 2 ;;
         --backing) backing=${2:?}; shift 2 ;;
@@ -143,7 +148,9 @@ load_pid=$!
 trap 'kill "$load_pid" 2>/dev/null || true; rm -rf "${out:?}/bin"' EXIT
 replblk_built=""
 for b in replblkd replblk-ctl; do
-    if [ -x "$repo/target/release/$b" ]; then cp -p "$repo/target/release/$b" "$out/bin/"; fi
+    if [ -x "${replblk_bin:-$repo/target/release}/$b" ]; then
+        cp -p "${replblk_bin:-$repo/target/release}/$b" "$out/bin/"
+    fi
 done
 if [ -x "$out/bin/replblkd" ]; then
     replblk_built=", replblkd built $(date -r "$out/bin/replblkd" '+%H:%M')"
@@ -152,6 +159,7 @@ replblk_rev=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [ -n "$(git -C "$repo" status --porcelain --untracked-files=no -- src ublk tools Cargo.toml Cargo.lock 2>/dev/null)" ]; then
     replblk_rev="$replblk_rev+uncommitted"
 fi
+if [ -n "$replblk_bin" ]; then replblk_rev="binaries from $replblk_bin"; fi
 
 export REPLBLK_VM_MEM=${REPLBLK_VM_MEM:-4096}
 envs=()

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Compares replblk builds in the test VM: runs scripts/vm/bench.sh for each
+# build in turn, ROUNDS times over (one guest boot per build and round, so
+# the builds alternate and the machine's drift falls on all of them), each
+# boot measuring libublk's loop example beside replblk, then prints per
+# build and job the ratio of replblk's IOPS to libublk loop's of the same
+# boot: every round's, and their median. Ratios within a boot count; the
+# machines this runs on are shared and noisy (docs/BENCHMARKS.md).
+#
+# Usage: scripts/vm/ab.sh [--rounds N] [--jobs "JOB..."] [--target T]
+#            [--runtime S] [--out DIR] NAME=BINDIR NAME=BINDIR...
+#   NAME=BINDIR   a build: a directory holding its replblkd and replblk-ctl
+#                 (e.g. a copy of target/release of some commit)
+#   --rounds N    boots per build (default 3)
+#   --jobs        fio jobs (default "randwrite-qd1 randwrite-qd32")
+#   --target T    the replblk target compared (default replblk-0)
+#   --runtime S   measured seconds per job (default 15)
+#   --out DIR     keep every boot's results here (default
+#                 target/vm-ab/DATE-TIME)
+# Takes about (runtime + ramp) x 2 x jobs + 40 s per boot.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+rounds=3 jobs="randwrite-qd1 randwrite-qd32" target=replblk-0 runtime=15 out=""
+builds=()
+say() { echo "ab.sh: $*" >&2; }
+die() { say "error: $*"; exit 1; }
+usage() { sed -n '2,20p' "$0" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+    case $1 in
+        --rounds) rounds=${2:?}; shift 2 ;;
+        --jobs) jobs=${2:?}; shift 2 ;;
+        --target) target=${2:?}; shift 2 ;;
+        --runtime) runtime=${2:?}; shift 2 ;;
+        --out) out=${2:?}; shift 2 ;;
+        -h|--help) usage ;;
+        *=*) builds+=("$1"); shift ;;
+        *) say "unknown argument: $1"; usage ;;
+    esac
+done
+[ "${#builds[@]}" -ge 1 ] || usage
+[[ $rounds =~ ^[1-9][0-9]*$ ]] || die "--rounds must be a positive number"
+for build in "${builds[@]}"; do
+    dir=${build#*=}
+    [ -x "$dir/replblkd" ] && [ -x "$dir/replblk-ctl" ] \
+        || die "${build%%=*}: no replblkd and replblk-ctl in $dir"
+done
+out=${out:-$repo/target/vm-ab/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+
+# One line per boot: build, round, job, ratio (replblk IOPS / libublk loop IOPS).
+ratios="$out/ratios.tsv"
+: > "$ratios"
+for round in $(seq 1 "$rounds"); do
+    for build in "${builds[@]}"; do
+        name=${build%%=*} dir=${build#*=}
+        run="$out/$name-$round"
+        say "round $round of $rounds: $name"
+        if ! "$here/bench.sh" --replblk-bin "$dir" --jobs "$jobs" \
+            --targets "libublk-loop $target" --runtime "$runtime" --out "$run" \
+            > "$run.log" 2>&1; then
+            say "warning: $name's boot $round failed; see $run.log"
+        fi
+        [ -f "$run/rows.tsv" ] || continue
+        awk -F'\t' -v build="$name" -v round="$round" -v target="$target" '
+            $1 == "libublk-loop" { base[$2] = $3 }
+            $1 == target { mine[$2] = $3 }
+            END {
+                for (job in mine) if (base[job] > 0)
+                    printf "%s\t%s\t%s\t%.2f\n", build, round, job, mine[job] / base[job]
+            }' "$run/rows.tsv" >> "$ratios"
+    done
+done
+
+echo "$target IOPS / libublk loop IOPS of the same boot ($rounds rounds; results in $out)"
+echo
+echo "| build | job | per round | median |"
+echo "|---|---|---|---:|"
+for build in "${builds[@]}"; do
+    name=${build%%=*}
+    for job in $jobs; do
+        awk -F'\t' -v build="$name" -v job="$job" '
+            $1 == build && $3 == job { r[$2] = $4; n++ }
+            END {
+                if (n == 0) { printf "| %s | %s | (no result) | |\n", build, job; exit }
+                line = ""; k = 0
+                for (i = 1; i <= 1000; i++) if (i in r) { line = line (k ? ", " : "") r[i] "x"; v[++k] = r[i] }
+                # A median by insertion sort: a handful of rounds.
+                for (i = 2; i <= k; i++) { x = v[i]; j = i - 1; while (j > 0 && v[j] > x) { v[j + 1] = v[j]; j-- } v[j + 1] = x }
+                median = (k % 2) ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2
+                printf "| %s | %s | %s | %.2fx |\n", build, job, line, median
+            }' "$ratios"
+    done
+done
