@@ -78,6 +78,12 @@ impl HostedQueue {
     /// on one thread, inside a tokio-uring runtime; the thread becomes the
     /// queue's server for the kernel and drops `CAP_SYS_ADMIN` for good
     /// (see `queue::suppress_partition_scan`).
+    ///
+    /// Should the host's runtime end while the device lives, its tasks are
+    /// dropped before its ring, and tokio-uring's ring, when dropped, waits
+    /// for every command in flight, while a fetch waits for a request or
+    /// for the device to stop. Dropping this future ends that wait:
+    /// [`crate::run`] then stops the device, which completes the fetches.
     pub async fn serve<T: Target>(mut self, target: Rc<T>) {
         self.served.store(true, Ordering::SeqCst);
         let queue_id = self.queue_id;
