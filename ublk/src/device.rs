@@ -194,7 +194,7 @@ pub fn remove_device(device_id: u32) -> Result<(), UblkDeviceError> {
 ///
 /// Each queue is served by a thread of its own with `target`, except queue
 /// 0 when `host` is given: it gets that queue as a [`HostedQueue`] and
-/// serves it on a thread it already runs (see [`HostedQueue`]).
+/// serves it on a thread it already runs.
 ///
 /// The device is created with `UBLK_F_USER_RECOVERY_REISSUE`: should this
 /// process die, the device stays, requests wait, and the ones this process
