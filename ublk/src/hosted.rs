@@ -79,11 +79,9 @@ impl HostedQueue {
     /// queue's server for the kernel and drops `CAP_SYS_ADMIN` for good
     /// (see `queue::suppress_partition_scan`).
     ///
-    /// Should the host's runtime end while the device lives, its tasks are
-    /// dropped before its ring, and tokio-uring's ring, when dropped, waits
-    /// for every command in flight, while a fetch waits for a request or
-    /// for the device to stop. Dropping this future ends that wait:
-    /// [`crate::run`] then stops the device, which completes the fetches.
+    /// Dropped before the device stopped (a panic on the host's thread, say),
+    /// it aborts the process: see `AbortIfAbandoned` for why living on would
+    /// hang.
     pub async fn serve<T: Target>(mut self, target: Rc<T>) {
         self.served.store(true, Ordering::SeqCst);
         let queue_id = self.queue_id;
@@ -124,7 +122,31 @@ impl HostedQueue {
         // first commands leave when the host's runtime next submits.
         dev.notify_buffer_registration_complete(false);
         self.reported = true;
+        let abandon_guard = AbortIfAbandoned { queue_id };
         while tags.next().await.is_some() {}
+        std::mem::forget(abandon_guard);
+    }
+}
+
+/// Aborts the process if a hosted queue's future is dropped before its
+/// tags ended (a panic on the host's thread, or its runtime ending while
+/// the device lives). Living on would hang it: tokio-uring's ring, dropped
+/// after the tasks, waits for the queue's fetches, which end when the
+/// device stops; and stopping the device may wait for the requests the
+/// dropped tags had taken, which only this thread could complete. A dead server is
+/// what the kernel knows how to handle: the device is quiesced, and a
+/// restart of the primary recovers it and gets those requests again.
+struct AbortIfAbandoned {
+    queue_id: u16,
+}
+
+impl Drop for AbortIfAbandoned {
+    fn drop(&mut self) {
+        tracing::error!(
+            queue_id = self.queue_id,
+            "ublk: the hosted queue was dropped while the device lives; aborting so the kernel can recover the device"
+        );
+        std::process::abort();
     }
 }
 
