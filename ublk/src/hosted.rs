@@ -133,9 +133,9 @@ impl HostedQueue {
 /// the device lives). Living on would hang it: tokio-uring's ring, dropped
 /// after the tasks, waits for the queue's fetches, which end when the
 /// device stops; and stopping the device may wait for the requests the
-/// dropped tags had taken, which only this thread could complete. A dead server is
-/// what the kernel knows how to handle: the device is quiesced, and a
-/// restart of the primary recovers it and gets those requests again.
+/// dropped tags had taken, which only this thread could complete. A dead
+/// server is what the kernel knows how to handle: the device is quiesced,
+/// and a restart of the primary recovers it and gets those requests again.
 struct AbortIfAbandoned {
     queue_id: u16,
 }
