@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_uring::net::TcpStream;
 
 use super::error::NodeError;
@@ -74,6 +74,14 @@ pub(crate) struct Engine {
     /// Longest wait for a secondary's answer to the handshake.
     handshake_timeout: Duration,
     clock: Instant,
+    /// The crc32 last computed for an update that came without one, by seq.
+    last_crc32: Cell<Option<(u64, u32)>>,
+    /// Wakes the timer task when the core's next deadline comes earlier
+    /// than the one it sleeps until.
+    timer_rearm: Notify,
+    /// The deadline (engine ms) the timer task sleeps until; `Some(0)`
+    /// while it runs, `None` while no deadline exists.
+    timer_armed_ms: Cell<Option<u64>>,
 }
 
 /// A secondary's connection after the handshake.
@@ -171,17 +179,12 @@ pub(crate) fn run(
             reconnect_interval: Duration::from_millis(replication.reconnect_interval_ms),
             handshake_timeout: Duration::from_millis(replication.ack_timeout_ms),
             clock: Instant::now(),
+            last_crc32: Cell::new(None),
+            timer_rearm: Notify::new(),
+            timer_armed_ms: Cell::new(Some(0)),
         });
-        let ticker = engine.clone();
-        let tick = Duration::from_millis((replication.all_acked_delay_ms / 2).max(1));
-        tokio_uring::spawn(async move {
-            while !ticker.stopping.get() {
-                tokio::time::sleep(tick).await;
-                let now = ticker.now_ms();
-                ticker.core.borrow_mut().handle_timeout(now);
-                ticker.pump();
-            }
-        });
+        let timer = engine.clone();
+        tokio_uring::spawn(async move { timer.run_timer().await });
         let reporter = engine.clone();
         tokio_uring::spawn(async move { reporter.report_log_full_waits().await });
         if let Some(listener) = super::tool_server::listen(node.address) {
@@ -414,7 +417,7 @@ async fn read_log(
                     fua: header.fua(),
                     payload: Payload {
                         buf: SharedBuf::new(AlignedBuf::copy_from(data)),
-                        crc32: data_crc32,
+                        crc32: Some(data_crc32),
                     },
                 });
                 expected_seq += 1;
@@ -769,10 +772,36 @@ impl Engine {
         }
     }
 
+    /// Calls the core's `handle_timeout` when its deadline comes, and only
+    /// then: an engine with nothing due (no secondary owes an answer or a
+    /// notification) does not wake.
+    async fn run_timer(self: Rc<Self>) {
+        while !self.stopping.get() {
+            let due_ms = self.core.borrow().poll_timeout();
+            self.timer_armed_ms.set(due_ms);
+            match due_ms {
+                Some(due_ms) => {
+                    let due = self.clock + Duration::from_millis(due_ms);
+                    tokio::select! {
+                        () = tokio::time::sleep_until(due.into()) => {}
+                        () = self.timer_rearm.notified() => {}
+                    }
+                }
+                None => self.timer_rearm.notified().await,
+            }
+            // Running: a deadline the pump below brings is seen at the top.
+            self.timer_armed_ms.set(Some(0));
+            let now = self.now_ms();
+            self.core.borrow_mut().handle_timeout(now);
+            self.pump();
+        }
+    }
+
     /// Executes the core's actions until it has none.
     fn pump(self: &Rc<Self>) {
         loop {
             let Some(action) = self.core.borrow_mut().poll_action() else {
+                self.rearm_timer();
                 return;
             };
             match action {
@@ -830,8 +859,9 @@ impl Engine {
                         flags: if fua { UPDATE_FLAG_FUA } else { 0 },
                         all_acked_seq,
                     };
+                    let crc32 = self.payload_crc32(seq, &payload);
                     let mut bytes = Vec::with_capacity(64);
-                    encode_update_header(&header, payload.crc32, &mut bytes);
+                    encode_update_header(&header, crc32, &mut bytes);
                     if let Some(outbox) = self.members[member].outbox.borrow().as_ref() {
                         outbox.send_update(bytes, payload.buf);
                     }
@@ -862,6 +892,38 @@ impl Engine {
                         "secondary stayed away past member_timeout_ms: dropped from the volume; it needs a resync to rejoin"
                     );
                 }
+            }
+        }
+    }
+
+    /// Wakes the timer task if the core's next deadline is earlier than the
+    /// one it sleeps until.
+    fn rearm_timer(&self) {
+        let Some(due_ms) = self.core.borrow().poll_timeout() else {
+            return;
+        };
+        if self
+            .timer_armed_ms
+            .get()
+            .is_none_or(|armed_ms| due_ms < armed_ms)
+        {
+            self.timer_rearm.notify_one();
+        }
+    }
+
+    /// The crc32 of update `seq`'s payload: carried by it, or computed here
+    /// once for all the secondaries it goes to, which the core sends it to
+    /// one after the other.
+    fn payload_crc32(&self, seq: u64, payload: &Payload) -> u32 {
+        if let Some(crc32) = payload.crc32 {
+            return crc32;
+        }
+        match self.last_crc32.get() {
+            Some((last_seq, crc32)) if last_seq == seq => crc32,
+            _ => {
+                let crc32 = crate::proto::data_crc32(payload.buf.as_slice());
+                self.last_crc32.set(Some((seq, crc32)));
+                crc32
             }
         }
     }
@@ -1027,6 +1089,7 @@ impl Engine {
         }
         let quiescent = self.core.borrow().is_quiescent();
         self.stopping.set(true);
+        self.timer_rearm.notify_one();
         for member in &self.members {
             let outbox = member.outbox.borrow().clone();
             if let Some(outbox) = outbox {

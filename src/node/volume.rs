@@ -58,14 +58,18 @@ pub enum VolumeError {
     Stopped,
 }
 
-/// A payload handed to the engine: the data once, and its crc32, computed on
-/// the caller's thread and reused for every secondary's frame.
+/// A payload handed to the engine: the data once, and its crc32, computed
+/// once and reused for every secondary's frame.
 #[derive(Clone, Debug)]
 pub struct Payload {
     /// The data, page-aligned for O_DIRECT.
     pub buf: SharedBuf,
-    /// crc32 of the data.
-    pub crc32: u32,
+    /// crc32 of the data, if known yet. A write that crosses the channel
+    /// has it computed on the caller's thread, off the engine's. A write
+    /// made on the engine's own thread ([`LocalVolume`]) leaves it to the
+    /// engine, which computes it when it first frames the update: a volume
+    /// with no secondary connected never needs it.
+    pub crc32: Option<u32>,
 }
 
 /// What the engine reports about itself.
@@ -117,13 +121,14 @@ pub(crate) enum Command {
 /// [`LocalVolume`], it returns the task to run there.
 pub type HostedJob = Box<dyn FnOnce(LocalVolume) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
-/// A write as the engine takes it, and what its result comes back through.
+/// A write as the engine takes it, and what its result comes back through;
+/// `crc32` as in [`Payload`].
 fn write_command(
     offset_bytes: u64,
     data: SharedBuf,
     fua: bool,
+    crc32: Option<u32>,
 ) -> (Command, oneshot::Receiver<Result<(), VolumeError>>) {
-    let crc32 = crate::proto::data_crc32(data.as_slice());
     let (reply, done) = oneshot::channel();
     let payload = Payload { buf: data, crc32 };
     let command = Command::Write {
@@ -209,7 +214,8 @@ impl Volume {
         data: SharedBuf,
         fua: bool,
     ) -> Result<(), VolumeError> {
-        let (command, done) = write_command(offset_bytes, data, fua);
+        let crc32 = crate::proto::data_crc32(data.as_slice());
+        let (command, done) = write_command(offset_bytes, data, fua, Some(crc32));
         self.send(command).await?;
         done.await.map_err(|_| VolumeError::Stopped)?
     }
@@ -313,7 +319,7 @@ impl LocalVolume {
         data: SharedBuf,
         fua: bool,
     ) -> Result<(), VolumeError> {
-        let (command, done) = write_command(offset_bytes, data, fua);
+        let (command, done) = write_command(offset_bytes, data, fua, None);
         self.engine.submit(command)?;
         done.await.map_err(|_| VolumeError::Stopped)?
     }
