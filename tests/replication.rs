@@ -5,10 +5,13 @@
 //! primary's, the bytes are the ones written, and every log is cleared.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use replblk::buf::{AlignedBuf, SharedBuf};
 use replblk::config::ReplicationConfig;
 use replblk::net::{query_node, NodeReport};
@@ -126,21 +129,22 @@ fn cluster_with(
 
 /// Keeps `QUEUE_DEPTH` of `writes` in flight through `writer`, with a flush
 /// every `FLUSH_EVERY_WRITES` and one at the end. `midway` runs once, after
-/// a third of the writes were submitted (to kill a secondary, say). Runs on
-/// a `LocalSet`.
+/// a third of the writes were submitted (to kill a secondary, say). Spawns
+/// nothing, so any runtime may poll it: a tokio one beside the volume, or
+/// the engine's own (a hosted workload).
 async fn drive<W: Replicate + Clone>(writer: W, writes: Vec<Write>, midway: impl FnOnce()) {
-    let mut in_flight = tokio::task::JoinSet::new();
+    let mut in_flight = FuturesUnordered::new();
     let mut midway = Some(midway);
     let count = writes.len();
     for (index, write) in writes.into_iter().enumerate() {
         while in_flight.len() >= QUEUE_DEPTH {
-            in_flight.join_next().await.unwrap().unwrap();
+            in_flight.next().await;
         }
         if index == count / 3 {
             (midway.take().unwrap())();
         }
         let volume = writer.clone();
-        in_flight.spawn_local(async move {
+        let request: Pin<Box<dyn Future<Output = ()>>> = Box::pin(async move {
             let data = fill(write.tag, write.blocks);
             let fua = write.tag % 97 == 0;
             volume
@@ -148,14 +152,15 @@ async fn drive<W: Replicate + Clone>(writer: W, writes: Vec<Write>, midway: impl
                 .await
                 .expect("write completes");
         });
+        in_flight.push(request);
         if (index as u64 + 1).is_multiple_of(FLUSH_EVERY_WRITES) {
             let flusher = writer.clone();
-            in_flight.spawn_local(async move { flusher.flush().await.expect("flush completes") });
+            in_flight.push(Box::pin(async move {
+                flusher.flush().await.expect("flush completes")
+            }));
         }
     }
-    while let Some(done) = in_flight.join_next().await {
-        done.unwrap();
-    }
+    while in_flight.next().await.is_some() {}
     writer.flush().await.expect("final flush completes");
 }
 
@@ -167,7 +172,7 @@ fn run_workload(volume: Arc<Volume>, writes: &[Write], midway: impl FnOnce()) {
         .build()
         .unwrap();
     let workload = drive(volume, writes.to_vec(), midway);
-    tokio::task::LocalSet::new().block_on(&runtime, async {
+    runtime.block_on(async {
         tokio::time::timeout(WORKLOAD_TIMEOUT, workload)
             .await
             .unwrap_or_else(|_| panic!("the workload did not finish within {WORKLOAD_TIMEOUT:?}"))

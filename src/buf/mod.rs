@@ -150,6 +150,36 @@ unsafe impl tokio_uring::buf::IoBufMut for AlignedBuf {
     unsafe fn set_init(&mut self, _pos: usize) {}
 }
 
+impl compio::buf::IoBuf for AlignedBuf {
+    fn as_init(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl compio::buf::IoBufMut for AlignedBuf {
+    fn as_uninit(&mut self) -> &mut [std::mem::MaybeUninit<u8>] {
+        as_uninit(self.as_mut_slice())
+    }
+}
+
+impl compio::buf::SetLen for AlignedBuf {
+    // Always fully initialised: a read has no length to record.
+    unsafe fn set_len(&mut self, _len: usize) {}
+}
+
+/// `bytes` as memory an operation may fill.
+pub(crate) fn as_uninit(bytes: &mut [u8]) -> &mut [std::mem::MaybeUninit<u8>] {
+    // SAFETY: MaybeUninit<u8> has the layout of u8, and the slice stays
+    // initialised: what is written through the result are bytes (the
+    // kernel's, for a read), never uninitialised values.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            bytes.as_mut_ptr().cast::<std::mem::MaybeUninit<u8>>(),
+            bytes.len(),
+        )
+    }
+}
+
 /// An immutable, reference-counted aligned payload: the one buffer an update's
 /// data lives in on the primary, shared by the local write and every
 /// secondary's send so that the payload is never copied per destination.
@@ -211,6 +241,12 @@ unsafe impl tokio_uring::buf::IoBuf for SharedBuf {
     }
     fn bytes_total(&self) -> usize {
         self.length_bytes
+    }
+}
+
+impl compio::buf::IoBuf for SharedBuf {
+    fn as_init(&self) -> &[u8] {
+        self.as_slice()
     }
 }
 

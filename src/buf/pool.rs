@@ -116,6 +116,23 @@ unsafe impl tokio_uring::buf::IoBufMut for PooledBuf {
     unsafe fn set_init(&mut self, _pos: usize) {}
 }
 
+impl compio::buf::IoBuf for PooledBuf {
+    fn as_init(&self) -> &[u8] {
+        self.buf().as_slice()
+    }
+}
+
+impl compio::buf::IoBufMut for PooledBuf {
+    fn as_uninit(&mut self) -> &mut [std::mem::MaybeUninit<u8>] {
+        super::as_uninit(self.buf_mut().as_mut_slice())
+    }
+}
+
+impl compio::buf::SetLen for PooledBuf {
+    // Always fully initialised: a read has no length to record.
+    unsafe fn set_len(&mut self, _len: usize) {}
+}
+
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take() {

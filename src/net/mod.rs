@@ -1,25 +1,30 @@
-//! Framed TCP over tokio-uring: a reader that yields whole frames out of a
+//! Framed TCP over io_uring: a reader that yields whole frames out of a
 //! reusable buffer, and an outbox whose writer task sends every queued frame
-//! in one `writev`, update payloads straight from their shared buffers.
+//! in one `writev`, update payloads straight from their shared buffers. Both
+//! run over [`Socket`], on the primary's runtime (compio) and the
+//! secondaries' (tokio-uring).
 
 mod outbox;
 mod query;
 mod reader;
+mod socket;
 
 pub use outbox::{OutBuf, Outbox};
 pub use query::{query_log_state, query_node, NodeReport};
 pub use reader::{
     DirectUpdates, FrameReader, NetError, DIRECT_FRAME_MIN_BYTES, SHARED_READ_BYTES_MAX,
 };
+pub use socket::{ReadBuf, Socket};
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio_uring::net::TcpStream;
+use compio::net::TcpStream;
 
-/// Connects to `address`, giving up after `timeout`.
+/// Connects to `address` from the primary's runtime, giving up after
+/// `timeout`.
 pub async fn connect(address: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+    let stream = compio::time::timeout(timeout, TcpStream::connect(address))
         .await
         .map_err(|_| {
             std::io::Error::new(

@@ -2,11 +2,12 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::rc::Rc;
 
 use tokio::sync::Notify;
-use tokio_uring::net::TcpStream;
 
+use super::Socket;
 use crate::buf::SharedBuf;
 use crate::proto::Frame;
 
@@ -52,32 +53,50 @@ unsafe impl tokio_uring::buf::IoBuf for OutBuf {
     }
 }
 
+impl compio::buf::IoBuf for OutBuf {
+    fn as_init(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
 /// A queue of outgoing bytes and the task that writes them. Frames are
 /// written in the order queued; a write error closes the outbox.
 pub struct Outbox {
     queue: RefCell<VecDeque<OutBuf>>,
     ready: Notify,
     closed: Cell<bool>,
+    /// Whether the writer has a batch in a `writev`.
+    writing: Cell<bool>,
+    /// Told when the writer has sent everything queued, or stopped.
+    emptied: Notify,
 }
 
 impl Outbox {
-    /// Starts the writer task for `stream` on the current tokio-uring runtime.
-    pub fn start(stream: Rc<TcpStream>, peer: String) -> Rc<Outbox> {
+    /// An outbox for `stream`, and its writer: the task that sends what is
+    /// queued, for the caller to spawn on the thread's runtime. The writer
+    /// ends when the outbox is closed or a send fails, and then shuts the
+    /// socket down.
+    pub fn new<S: Socket>(
+        stream: Rc<S>,
+        peer: String,
+    ) -> (Rc<Outbox>, impl Future<Output = ()> + 'static) {
         let outbox = Rc::new(Outbox {
             queue: RefCell::new(VecDeque::new()),
             ready: Notify::new(),
             closed: Cell::new(false),
+            writing: Cell::new(false),
+            emptied: Notify::new(),
         });
         let writer = outbox.clone();
-        tokio_uring::spawn(async move {
-            if let Err(error) = writer.run(&stream).await {
+        let run = async move {
+            if let Err(error) = writer.run(&*stream).await {
                 tracing::debug!(%peer, %error, "send failed; closing connection");
             }
             writer.close();
             // Wake a reader blocked on this socket.
-            let _ = stream.shutdown(std::net::Shutdown::Both);
-        });
-        outbox
+            stream.shutdown_both();
+        };
+        (outbox, run)
     }
 
     /// Queues a frame.
@@ -111,18 +130,19 @@ impl Outbox {
         if !self.closed.replace(true) {
             self.queue.borrow_mut().clear();
             self.ready.notify_one();
+            self.emptied.notify_waiters();
         }
     }
 
     /// Waits until everything queued so far has been written (or the
     /// connection closed).
     pub async fn drained(&self) {
-        while !self.closed.get() && !self.queue.borrow().is_empty() {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        while !self.closed.get() && (self.writing.get() || !self.queue.borrow().is_empty()) {
+            self.emptied.notified().await;
         }
     }
 
-    async fn run(&self, stream: &TcpStream) -> std::io::Result<()> {
+    async fn run(&self, stream: &impl Socket) -> std::io::Result<()> {
         loop {
             if self.closed.get() {
                 return Ok(());
@@ -133,18 +153,21 @@ impl Outbox {
                 queue.drain(..count).collect()
             };
             if batch.is_empty() {
+                self.writing.set(false);
+                self.emptied.notify_waiters();
                 self.ready.notified().await;
                 continue;
             }
+            self.writing.set(true);
             write_all_vectored(stream, batch).await?;
         }
     }
 }
 
 /// Writes every buffer in full, resuming after short writes.
-async fn write_all_vectored(stream: &TcpStream, mut batch: Vec<OutBuf>) -> std::io::Result<()> {
+async fn write_all_vectored(stream: &impl Socket, mut batch: Vec<OutBuf>) -> std::io::Result<()> {
     while !batch.is_empty() {
-        let (result, returned) = stream.writev(batch).await;
+        let (result, returned) = stream.write_pieces(batch).await;
         batch = returned;
         let mut written = result?;
         if written == 0 {

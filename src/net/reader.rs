@@ -3,10 +3,9 @@
 use std::rc::Rc;
 
 use thiserror::Error;
-use tokio_uring::buf::BoundedBuf;
-use tokio_uring::net::TcpStream;
 
-use crate::buf::{BufPool, PooledBuf};
+use super::Socket;
+use crate::buf::{AlignedBuf, BufPool, PooledBuf};
 use crate::proto::{
     decode_frame_with_data_crc, frame_length, Frame, FrameHeader, FrameKind, ProtoError,
     FRAME_BODY_MAX_BYTES, FRAME_HEADER_SIZE_BYTES, UPDATE_FIXED_SIZE_BYTES,
@@ -95,11 +94,13 @@ impl DirectFrame {
 }
 
 /// Yields frames from a stream. Frames borrow the reader's buffer, so a
-/// frame must be consumed before the next read.
-pub struct FrameReader {
-    stream: Rc<TcpStream>,
+/// frame must be consumed before the next read. `S` is the socket of the
+/// thread's runtime: compio's on the primary, tokio-uring's (the default)
+/// on a secondary.
+pub struct FrameReader<S: Socket = tokio_uring::net::TcpStream> {
+    stream: Rc<S>,
     peer: String,
-    buffer: Option<Vec<u8>>,
+    buffer: Option<AlignedBuf>,
     start: usize,
     end: usize,
     direct_updates: Option<DirectUpdates>,
@@ -108,13 +109,13 @@ pub struct FrameReader {
     direct: Option<DirectFrame>,
 }
 
-impl FrameReader {
+impl<S: Socket> FrameReader<S> {
     /// A reader over `stream`; `peer` names it in errors.
-    pub fn new(stream: Rc<TcpStream>, peer: String) -> FrameReader {
+    pub fn new(stream: Rc<S>, peer: String) -> FrameReader<S> {
         FrameReader {
             stream,
             peer,
-            buffer: Some(vec![0; READ_BUFFER_BYTES]),
+            buffer: Some(AlignedBuf::zeroed(READ_BUFFER_BYTES)),
             start: 0,
             end: 0,
             direct_updates: None,
@@ -127,10 +128,10 @@ impl FrameReader {
     /// [`FrameReader::take_direct_buffer`]). Its shared buffer holds only the
     /// smaller frames.
     pub fn with_direct_updates(
-        stream: Rc<TcpStream>,
+        stream: Rc<S>,
         peer: String,
         direct_updates: DirectUpdates,
-    ) -> FrameReader {
+    ) -> FrameReader<S> {
         assert!(
             direct_updates.data_offset_bytes >= UPDATE_DATA_AT_BYTES,
             "an Update's header must fit in front of its data"
@@ -138,7 +139,9 @@ impl FrameReader {
         FrameReader {
             stream,
             peer,
-            buffer: Some(vec![0; DIRECT_FRAME_MIN_BYTES + SHARED_READ_BYTES_MAX]),
+            buffer: Some(AlignedBuf::zeroed(
+                DIRECT_FRAME_MIN_BYTES + SHARED_READ_BYTES_MAX,
+            )),
             start: 0,
             end: 0,
             direct_updates: Some(direct_updates),
@@ -152,7 +155,11 @@ impl FrameReader {
     }
 
     fn buffered(&self) -> &[u8] {
-        &self.buffer.as_ref().expect("buffer is home between reads")[self.start..self.end]
+        &self
+            .buffer
+            .as_ref()
+            .expect("buffer is home between reads")
+            .as_slice()[self.start..self.end]
     }
 
     /// True when a whole frame (or a malformed one) is already buffered, so
@@ -246,10 +253,10 @@ impl FrameReader {
             .expect("a direct frame is being received");
         let from = direct.frame_at + direct.received;
         let to = direct.frame_at + direct.frame_len;
-        let (result, slice) = self.stream.read(direct.buf.slice(from..to)).await;
+        let (result, buf) = self.stream.read_into(direct.buf, from..to).await;
         let read = self.bytes_read(result)?;
         self.direct = Some(DirectFrame {
-            buf: slice.into_inner(),
+            buf,
             received: direct.received + read,
             ..direct
         });
@@ -260,7 +267,7 @@ impl FrameReader {
         let mut buffer = self.buffer.take().expect("buffer is home between reads");
         if self.end == buffer.len() {
             // Compact: the partial frame moves to the front.
-            buffer.copy_within(self.start..self.end, 0);
+            buffer.as_mut_slice().copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
@@ -269,8 +276,8 @@ impl FrameReader {
         } else {
             buffer.len()
         };
-        let (result, slice) = self.stream.read(buffer.slice(self.end..read_end)).await;
-        self.buffer = Some(slice.into_inner());
+        let (result, buffer) = self.stream.read_into(buffer, self.end..read_end).await;
+        self.buffer = Some(buffer);
         self.end += self.bytes_read(result)?;
         Ok(())
     }
@@ -344,6 +351,7 @@ impl FrameReader {
 mod tests {
     use super::*;
     use crate::proto::{data_crc32, encode_update_header, UpdateHeader, UPDATE_DATA_MAX_BYTES};
+    use tokio_uring::net::TcpStream;
 
     /// An Update frame of `length` bytes of data, each byte derived from
     /// `seq`, encoded whole.

@@ -1,10 +1,10 @@
 //! The primary's engine: [`crate::core::primary::Primary`] driven over
-//! tokio-uring, with the O_DIRECT copy and one connection per secondary.
+//! compio, with the O_DIRECT copy and one connection per secondary.
 //!
 //! Everything runs on one thread: the command task takes requests from the
 //! [`super::volume::Volume`] channel, a task per secondary keeps its
 //! connection (reconnecting as needed) and feeds its acks to the core, a
-//! ticker drives the core's timers, and every event is followed by a `pump`
+//! timer drives the core's deadlines, and every event is followed by a `pump`
 //! that executes the core's actions before the next event.
 //!
 //! At start-up, before the volume takes requests, the engine catches up
@@ -16,12 +16,17 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use compio::io::{AsyncReadAtExt, AsyncWriteAtExt};
+use compio::net::TcpStream;
+use compio::BufResult;
 use tokio::sync::{mpsc, oneshot, Notify};
-use tokio_uring::net::TcpStream;
 
 use super::error::NodeError;
 use super::volume::{Command, MemberStatus, Payload, VolumeError, VolumeStatus};
@@ -31,7 +36,7 @@ use crate::core::catch_up::{plan_catch_up, CatchUpPlan};
 use crate::core::primary::{
     Action, Geometry, MemberAck, MemberLog, MemberStats, Primary, PrimaryLimits, RequestId,
 };
-use crate::net::{self, FrameReader, Outbox};
+use crate::net::{self, FrameReader, Outbox, Socket};
 use crate::proto::{
     encode_update_header, Ack, ErrorCode, ErrorFrame, Frame, Hello, LogState, Role, UpdateHeader,
     VolumeMember, VolumeState, PROTOCOL_VERSION, UPDATE_DATA_MAX_BYTES, UPDATE_FLAG_FUA,
@@ -62,7 +67,7 @@ pub(crate) struct Engine {
     node_id: u32,
     epoch: u64,
     core: RefCell<Primary<Payload>>,
-    data: Rc<tokio_uring::fs::File>,
+    data: Rc<compio::fs::File>,
     members: Vec<Member>,
     replies: RefCell<HashMap<RequestId, oneshot::Sender<Result<(), VolumeError>>>>,
     next_request_id: Cell<RequestId>,
@@ -87,7 +92,7 @@ pub(crate) struct Engine {
 /// A secondary's connection after the handshake.
 struct Connection {
     stream: Rc<TcpStream>,
-    reader: FrameReader,
+    reader: FrameReader<TcpStream>,
     log: LogState,
     /// The last Ack read while the log was being read back, for the core
     /// once the secondary is a member.
@@ -119,11 +124,17 @@ pub(crate) fn run(
         .into_iter()
         .cloned()
         .collect();
-    tokio_uring::builder().uring_builder(&engine_ring()).start(async move {
+    let runtime = engine_runtime().map_err(|error| NodeError::Fatal {
+        reason: format!("setting up the engine's io_uring runtime: {error}"),
+    })?;
+    // SAFETY: the descriptor is the open copy `direct` owned, released to
+    // the compio file, which closes it.
+    let direct = unsafe { compio::fs::File::from_raw_fd(direct.into_raw_fd()) };
+    block_on(&runtime, async move {
         let mut connections = connect_all(&config, &node, &secondaries, volume_uuid, epoch).await;
         let plan = plan_start(&secondaries, &connections, epoch)?;
         let startup_timeout = Duration::from_millis(config.replication.startup_timeout_ms);
-        let records = tokio::time::timeout(
+        let records = compio::time::timeout(
             startup_timeout,
             read_back(&secondaries, &mut connections, &plan, epoch),
         )
@@ -162,7 +173,7 @@ pub(crate) fn run(
                 plan.end_seq,
                 0,
             )),
-            data: Rc::new(tokio_uring::fs::File::from_std(direct)),
+            data: Rc::new(direct),
             members: secondaries
                 .iter()
                 .map(|secondary| Member {
@@ -184,12 +195,13 @@ pub(crate) fn run(
             timer_armed_ms: Cell::new(Some(0)),
         });
         let timer = engine.clone();
-        tokio_uring::spawn(async move { timer.run_timer().await });
+        compio::runtime::spawn(async move { timer.run_timer().await }).detach();
         let reporter = engine.clone();
-        tokio_uring::spawn(async move { reporter.report_log_full_waits().await });
+        compio::runtime::spawn(async move { reporter.report_log_full_waits().await }).detach();
         if let Some(listener) = super::tool_server::listen(node.address) {
             let timeout = engine.handshake_timeout;
-            tokio_uring::spawn(super::tool_server::serve(listener, engine.clone(), timeout));
+            compio::runtime::spawn(super::tool_server::serve(listener, engine.clone(), timeout))
+                .detach();
         }
         let caught_up = engine.submit_catch_up(records)?;
         for (member, connection) in connections.into_iter().enumerate() {
@@ -206,7 +218,8 @@ pub(crate) fn run(
                 }
             }
             let engine = engine.clone();
-            tokio_uring::spawn(async move { engine.member_loop(member, connection).await });
+            compio::runtime::spawn(async move { engine.member_loop(member, connection).await })
+                .detach();
         }
         engine.finish_catch_up(&plan, caught_up).await?;
         tracing::info!(
@@ -222,22 +235,95 @@ pub(crate) fn run(
     })
 }
 
-/// The engine's io_uring: with `IORING_SETUP_COOP_TASKRUN` where the
-/// kernel has it (5.19 and later). Without it, each completion the kernel
-/// delivers as task work (every request of a hosted ublk queue) interrupts
-/// the engine thread where it runs; with it, the work waits for the
-/// thread's next system call. In the test VM at queue depth 32 that
-/// interruption took 7.4% of all CPU samples, in the engine thread, and
-/// 0.03% with the flag (BENCHMARKS.md, run 7).
-fn engine_ring() -> io_uring::Builder {
-    let mut ring = tokio_uring::uring_builder();
-    ring.setup_coop_taskrun();
-    if let Err(error) = ring.build(8) {
-        tracing::debug!(%error, "io_uring without COOP_TASKRUN: the kernel refused it");
-        ring = tokio_uring::uring_builder();
+/// The engine's runtime: compio, whose thread waits in `io_uring_enter` on
+/// its one ring (tokio-uring's waits in tokio's `epoll_wait` beside it).
+/// The ring is set up with `IORING_SETUP_DEFER_TASKRUN` (and the
+/// `SINGLE_ISSUER` it needs) where the kernel has them (6.1 and later):
+/// the kernel's completions delivered as task work (every request of a
+/// hosted ublk queue) then run when the thread waits for completions, not
+/// wherever it happens to run. Older kernels get `COOP_TASKRUN` (5.19),
+/// then neither.
+fn engine_runtime() -> std::io::Result<compio::runtime::Runtime> {
+    let mut last_error = None;
+    for setup in [
+        RingSetup::DeferTaskrun,
+        RingSetup::CoopTaskrun,
+        RingSetup::Plain,
+    ] {
+        let mut proactor = compio::driver::ProactorBuilder::new();
+        proactor.capacity(ENGINE_RING_ENTRIES);
+        match setup {
+            RingSetup::DeferTaskrun => {
+                proactor.single_issuer(true).defer_taskrun(true);
+            }
+            RingSetup::CoopTaskrun => {
+                proactor.coop_taskrun(true);
+            }
+            RingSetup::Plain => {}
+        }
+        match compio::runtime::RuntimeBuilder::new()
+            .with_proactor(proactor)
+            .build()
+        {
+            Ok(runtime) => return Ok(runtime),
+            Err(error) => {
+                tracing::debug!(?setup, %error, "the kernel refused this io_uring setup");
+                last_error = Some(error);
+            }
+        }
     }
-    ring
+    Err(last_error.expect("at least one setup was tried"))
 }
+
+/// Most executor ticks the engine runs back to back before it looks at its
+/// ring without waiting: tasks that keep waking each other cannot hold the
+/// ring's completions back longer than that.
+const TICKS_BEFORE_RING_MAX: usize = 64;
+
+/// Runs `future` to its end on `runtime`, as `Runtime::block_on` does, but
+/// waits in the ring only once no task is ready. compio's own loop looks
+/// at the ring with a zero timeout whenever a tick leaves a task ready (one
+/// spawned or woken during it, as each local write is), and a wait with a
+/// zero timeout still puts the thread to sleep until its timer fires: one
+/// more context switch per write at queue depth 1 in the test VM.
+fn block_on<F: Future>(runtime: &compio::runtime::Runtime, future: F) -> F::Output {
+    runtime.enter(|| {
+        let waker = runtime.waker();
+        let mut context = Context::from_waker(&waker);
+        let mut future = std::pin::pin!(future);
+        loop {
+            if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+                runtime.run();
+                return output;
+            }
+            let mut ready = true;
+            for _ in 0..TICKS_BEFORE_RING_MAX {
+                ready = runtime.run();
+                if !ready {
+                    break;
+                }
+            }
+            if ready {
+                runtime.poll_with(Some(Duration::ZERO));
+            } else {
+                runtime.poll();
+            }
+        }
+    })
+}
+
+/// The ways the engine's ring may be set up, best first.
+#[derive(Debug, Clone, Copy)]
+enum RingSetup {
+    DeferTaskrun,
+    CoopTaskrun,
+    Plain,
+}
+
+/// Entries of the engine's submission queue: room for a hosted queue's
+/// commands (one per tag), a write per request in flight and the sockets'
+/// operations; compio submits early when it fills.
+const ENGINE_RING_ENTRIES: u32 = 1024;
 
 /// Connects to every secondary at once, retrying until each answers or
 /// `startup_timeout_ms` passes.
@@ -255,7 +341,7 @@ async fn connect_all(
         .map(|secondary| {
             let (address, expected) = (secondary.address, secondary.id);
             let node_id = node.id;
-            tokio_uring::spawn(async move {
+            compio::runtime::spawn(async move {
                 loop {
                     match handshake(address, expected, volume_uuid, node_id, epoch).await {
                         Ok(connection) => return Some(connection),
@@ -265,13 +351,13 @@ async fn connect_all(
                         }
                         Err(reason) => {
                             tracing::debug!(secondary = expected, %address, %reason, "retrying");
-                            tokio::time::sleep(retry).await;
+                            compio::time::sleep(retry).await;
                         }
                     }
                 }
             })
         })
-        .collect();
+        .collect::<Vec<_>>();
     let mut connections = Vec::new();
     for task in tasks {
         connections.push(task.await.unwrap_or(None));
@@ -387,8 +473,11 @@ async fn read_log(
 ) -> Result<(), String> {
     let mut bytes = Vec::new();
     Frame::LogRead { from_seq, to_seq }.encode(&mut bytes);
-    let (result, _) = connection.stream.write_all(bytes).await;
-    result.map_err(|error| format!("sending LogRead: {error}"))?;
+    connection
+        .stream
+        .write_all_bytes(bytes)
+        .await
+        .map_err(|error| format!("sending LogRead: {error}"))?;
     let mut expected_seq = from_seq;
     loop {
         let reader = &mut connection.reader;
@@ -478,8 +567,10 @@ async fn handshake(
     };
     let mut bytes = Vec::new();
     Frame::Hello(hello).encode(&mut bytes);
-    let (result, _) = stream.write_all(bytes).await;
-    result.map_err(|error| format!("sending Hello: {error}"))?;
+    stream
+        .write_all_bytes(bytes)
+        .await
+        .map_err(|error| format!("sending Hello: {error}"))?;
     let mut reader = FrameReader::new(stream.clone(), address.to_string());
     let mut next = async || -> Result<Frame<'static>, String> {
         reader.fill().await.map_err(|error| error.to_string())?;
@@ -726,20 +817,21 @@ impl Engine {
                 reply,
             } => {
                 let data = self.data.clone();
-                tokio_uring::spawn(async move {
+                compio::runtime::spawn(async move {
                     let buf = AlignedBuf::zeroed(length_bytes as usize);
-                    let (result, buf) = data.read_exact_at(buf, offset_bytes).await;
+                    let BufResult(result, buf) = data.read_exact_at(buf, offset_bytes).await;
                     let _ = reply.send(result.map(|()| buf).map_err(|error| VolumeError::Read {
                         offset_bytes,
                         reason: error.to_string(),
                     }));
-                });
+                })
+                .detach();
             }
             Command::Host(job) => {
                 let local = super::volume::LocalVolume {
                     engine: self.clone(),
                 };
-                tokio_uring::spawn(job(local));
+                compio::runtime::spawn(job(local)).detach();
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -754,7 +846,7 @@ impl Engine {
         let interval = Duration::from_millis(LOG_FULL_REPORT_INTERVAL_MS);
         let mut reported = vec![MemberStats::default(); self.members.len()];
         while !self.stopping.get() {
-            tokio::time::sleep(interval).await;
+            compio::time::sleep(interval).await;
             for (index, member) in self.members.iter().enumerate() {
                 let stats = self.core.borrow().member_stats(index);
                 let waits = stats.log_full_waits - reported[index].log_full_waits;
@@ -783,7 +875,7 @@ impl Engine {
                 Some(due_ms) => {
                     let due = self.clock + Duration::from_millis(due_ms);
                     tokio::select! {
-                        () = tokio::time::sleep_until(due.into()) => {}
+                        () = compio::time::sleep_until(due) => {}
                         () = self.timer_rearm.notified() => {}
                     }
                 }
@@ -811,8 +903,10 @@ impl Engine {
                     payload,
                 } => {
                     let engine = self.clone();
-                    tokio_uring::spawn(async move {
-                        let (result, _) = engine.data.write_all_at(payload.buf, offset_bytes).await;
+                    compio::runtime::spawn(async move {
+                        let mut data = &*engine.data;
+                        let BufResult(result, _) =
+                            data.write_all_at(payload.buf, offset_bytes).await;
                         let result = result.map_err(|error| error.to_string());
                         if let Err(reason) = &result {
                             tracing::error!(seq, %reason, "write to the primary's copy failed");
@@ -822,11 +916,12 @@ impl Engine {
                             .borrow_mut()
                             .local_write_done(seq, result, engine.now_ms());
                         engine.pump();
-                    });
+                    })
+                    .detach();
                 }
                 Action::LocalSync { through_seq } => {
                     let engine = self.clone();
-                    tokio_uring::spawn(async move {
+                    compio::runtime::spawn(async move {
                         let result = engine
                             .data
                             .sync_data()
@@ -841,7 +936,8 @@ impl Engine {
                             engine.now_ms(),
                         );
                         engine.pump();
-                    });
+                    })
+                    .detach();
                 }
                 Action::SendUpdate {
                     member,
@@ -880,7 +976,7 @@ impl Engine {
                         "secondary owed {owed} for ack_timeout_ms ({limit_ms} ms) without progress: closing its connection; writes wait for it up to member_timeout_ms more"
                     );
                     if let Some(stream) = self.members[member].stream.borrow_mut().take() {
-                        let _ = stream.shutdown(std::net::Shutdown::Both);
+                        stream.shutdown_both();
                     }
                     if let Some(outbox) = self.members[member].outbox.borrow().as_ref() {
                         outbox.close();
@@ -943,7 +1039,7 @@ impl Engine {
                 // A peer that accepts but never answers (stopped, wedged)
                 // must not hold the loop: it is retried like one that
                 // refuses.
-                None => tokio::time::timeout(
+                None => compio::time::timeout(
                     self.handshake_timeout,
                     handshake(address, node_id, self.volume_uuid, self.node_id, self.epoch),
                 )
@@ -967,7 +1063,7 @@ impl Engine {
             if self.core.borrow().is_dropped(member) {
                 return;
             }
-            tokio::time::sleep(self.reconnect_interval).await;
+            compio::time::sleep(self.reconnect_interval).await;
         }
     }
 
@@ -983,7 +1079,8 @@ impl Engine {
             early_ack,
         } = connection;
         *self.members[member].stream.borrow_mut() = Some(stream.clone());
-        let outbox = Outbox::start(stream, reader.peer().to_owned());
+        let (outbox, writer) = Outbox::new(stream, reader.peer().to_owned());
+        compio::runtime::spawn(writer).detach();
         *self.members[member].outbox.borrow_mut() = Some(outbox.clone());
         let connected =
             self.core
@@ -1018,7 +1115,7 @@ impl Engine {
     async fn read_acks(
         self: &Rc<Self>,
         member: usize,
-        reader: &mut FrameReader,
+        reader: &mut FrameReader<TcpStream>,
         outbox: &Rc<Outbox>,
     ) -> Result<(), String> {
         loop {
@@ -1085,7 +1182,7 @@ impl Engine {
     async fn stop(self: &Rc<Self>) -> Result<(), NodeError> {
         let deadline = Instant::now() + Duration::from_millis(STOP_DRAIN_TIMEOUT_MS);
         while !self.core.borrow().is_quiescent() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            compio::time::sleep(Duration::from_millis(2)).await;
         }
         let quiescent = self.core.borrow().is_quiescent();
         self.stopping.set(true);

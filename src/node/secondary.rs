@@ -276,7 +276,8 @@ impl Node {
     /// Serves one connection: a primary's stream or a tool's queries.
     async fn session(self: &Rc<Self>, stream: TcpStream, peer: String) {
         let stream = Rc::new(stream);
-        let outbox = Outbox::start(stream.clone(), peer.clone());
+        let (outbox, writer) = Outbox::new(stream.clone(), peer.clone());
+        tokio_uring::spawn(writer);
         // Large updates arrive straight in their log record's buffer.
         let mut reader = FrameReader::with_direct_updates(
             stream,

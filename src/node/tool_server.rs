@@ -10,10 +10,14 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use tokio_uring::net::{TcpListener, TcpStream};
+use compio::net::{TcpListener, TcpStream};
 
-use crate::net::FrameReader;
+use crate::buf::AlignedBuf;
+use crate::net::{FrameReader, Socket};
 use crate::proto::{ErrorCode, ErrorFrame, Frame, Hello, Role, VolumeState};
+
+/// Bytes read at a time while waiting for a tool to close.
+const TOOL_TAIL_READ_BYTES: usize = 512;
 
 /// What the server needs of the engine.
 pub(crate) trait VolumeReport {
@@ -29,7 +33,7 @@ pub(crate) trait VolumeReport {
 /// still serves its volume; only the status of it is missing, and that is
 /// logged.
 pub(crate) fn listen(address: SocketAddr) -> Option<TcpListener> {
-    match TcpListener::bind(address) {
+    match std::net::TcpListener::bind(address).and_then(TcpListener::from_std) {
         Ok(listener) => Some(listener),
         Err(error) => {
             tracing::warn!(%address, %error, "cannot listen for tools; replblk-ctl status will not reach this primary");
@@ -50,21 +54,22 @@ pub(crate) async fn serve(
             Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!(%error, "accepting a tool's connection failed");
-                tokio::time::sleep(timeout.min(Duration::from_millis(100))).await;
+                compio::time::sleep(timeout.min(Duration::from_millis(100))).await;
                 continue;
             }
         };
         let report = report.clone();
-        tokio_uring::spawn(async move {
+        compio::runtime::spawn(async move {
             let exchange = answer(Rc::new(stream), peer, &*report);
-            match tokio::time::timeout(timeout, exchange).await {
+            match compio::time::timeout(timeout, exchange).await {
                 Ok(Ok(())) => {}
                 Ok(Err(reason)) => tracing::warn!(%peer, %reason, "tool connection refused"),
                 Err(_) => {
                     tracing::warn!(%peer, timeout_ms = timeout.as_millis() as u64, "tool connection timed out")
                 }
             }
-        });
+        })
+        .detach();
     }
 }
 
@@ -98,15 +103,17 @@ async fn answer(
             Frame::VolumeState(report.volume_state()).encode(&mut bytes);
         }
     }
-    let (result, _) = stream.write_all(bytes).await;
-    result.map_err(|error| format!("answering: {error}"))?;
+    stream
+        .write_all_bytes(bytes)
+        .await
+        .map_err(|error| format!("answering: {error}"))?;
     if let Some(error) = refusal {
         return Err(error.message);
     }
     // Until the tool closes; anything it sends meanwhile is not for us.
-    let mut buffer = vec![0u8; 512];
+    let mut buffer = AlignedBuf::zeroed(TOOL_TAIL_READ_BYTES);
     loop {
-        let (result, returned) = stream.read(buffer).await;
+        let (result, returned) = stream.read_into(buffer, 0..TOOL_TAIL_READ_BYTES).await;
         buffer = returned;
         match result {
             Ok(0) | Err(_) => return Ok(()),

@@ -1,5 +1,5 @@
 //! A queue served on a thread the target already runs, on that thread's
-//! own tokio-uring runtime and ring.
+//! own compio runtime and ring.
 //!
 //! A queue served on a thread of its own hands every request to the
 //! target's thread (replblk's engine) and gets the completion back: two
@@ -75,7 +75,7 @@ impl HostedQueue {
     }
 
     /// Serves the queue until the device stops. Must be awaited to its end
-    /// on one thread, inside a tokio-uring runtime; the thread becomes the
+    /// on one thread, inside a compio runtime; the thread becomes the
     /// queue's server for the kernel and drops `CAP_SYS_ADMIN` for good
     /// (see `queue::suppress_partition_scan`).
     ///
@@ -130,10 +130,10 @@ impl HostedQueue {
 
 /// Aborts the process if a hosted queue's future is dropped before its
 /// tags ended (a panic on the host's thread, or its runtime ending while
-/// the device lives). Living on would hang it: tokio-uring's ring, dropped
-/// after the tasks, waits for the queue's fetches, which end when the
-/// device stops; and stopping the device may wait for the requests the
-/// dropped tags had taken, which only this thread could complete. A dead
+/// the device lives). Living on would hang it: stopping the device may
+/// wait for the requests the dropped tags had taken, which only this
+/// thread could complete, and the tags' memory would be lent to the kernel
+/// with nobody left to take it back. A dead
 /// server is what the kernel knows how to handle: the device is quiesced,
 /// and a restart of the primary recovers it and gets those requests again.
 struct AbortIfAbandoned {

@@ -1,0 +1,93 @@
+//! A connected TCP socket of either io_uring runtime replblk runs on: the
+//! primary's engine runs on compio (its thread waits in `io_uring_enter` on
+//! its one ring, which the hosted ublk queue shares), the secondaries on
+//! tokio-uring. The framing ([`super::FrameReader`], [`super::Outbox`]) is
+//! written once, over this trait.
+
+use std::future::Future;
+use std::io;
+use std::ops::Range;
+
+use compio::buf::{BufResult, IntoInner, IoBuf};
+use compio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_uring::buf::BoundedBuf;
+
+use super::OutBuf;
+use crate::buf::{AlignedBuf, PooledBuf};
+
+/// A buffer either runtime reads into. Such buffers are always wholly
+/// initialised, so a read has no length to record in them.
+pub trait ReadBuf:
+    tokio_uring::buf::IoBufMut + compio::buf::IoBufMut + compio::buf::SetLen
+{
+}
+
+impl ReadBuf for AlignedBuf {}
+impl ReadBuf for PooledBuf {}
+
+/// What the framing needs of a connected socket. Buffers are owned by the
+/// operation while it runs (both runtimes hand them to the kernel) and come
+/// back with its result.
+pub trait Socket: 'static {
+    /// Reads into `buf[range]`, returning the count (0: closed by the peer).
+    fn read_into<B: ReadBuf>(
+        &self,
+        buf: B,
+        range: Range<usize>,
+    ) -> impl Future<Output = (io::Result<usize>, B)>;
+
+    /// Writes from `pieces` in order, as much as one `writev` takes.
+    fn write_pieces(
+        &self,
+        pieces: Vec<OutBuf>,
+    ) -> impl Future<Output = (io::Result<usize>, Vec<OutBuf>)>;
+
+    /// Writes all of `bytes`.
+    fn write_all_bytes(&self, bytes: Vec<u8>) -> impl Future<Output = io::Result<()>>;
+
+    /// Shuts both directions down at once, waking a read or write blocked
+    /// on the socket.
+    fn shutdown_both(&self);
+}
+
+impl Socket for tokio_uring::net::TcpStream {
+    async fn read_into<B: ReadBuf>(&self, buf: B, range: Range<usize>) -> (io::Result<usize>, B) {
+        let (result, slice) = self.read(BoundedBuf::slice(buf, range)).await;
+        (result, slice.into_inner())
+    }
+
+    async fn write_pieces(&self, pieces: Vec<OutBuf>) -> (io::Result<usize>, Vec<OutBuf>) {
+        self.writev(pieces).await
+    }
+
+    async fn write_all_bytes(&self, bytes: Vec<u8>) -> io::Result<()> {
+        self.write_all(bytes).await.0
+    }
+
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Socket for compio::net::TcpStream {
+    async fn read_into<B: ReadBuf>(&self, buf: B, range: Range<usize>) -> (io::Result<usize>, B) {
+        let mut stream = self;
+        let BufResult(result, slice) = stream.read(IoBuf::slice(buf, range)).await;
+        (result, slice.into_inner())
+    }
+
+    async fn write_pieces(&self, pieces: Vec<OutBuf>) -> (io::Result<usize>, Vec<OutBuf>) {
+        let mut stream = self;
+        let BufResult(result, pieces) = stream.write_vectored(pieces).await;
+        (result, pieces)
+    }
+
+    async fn write_all_bytes(&self, bytes: Vec<u8>) -> io::Result<()> {
+        let mut stream = self;
+        stream.write_all(bytes).await.0
+    }
+
+    fn shutdown_both(&self) {
+        let _ = socket2::SockRef::from(self).shutdown(std::net::Shutdown::Both);
+    }
+}
