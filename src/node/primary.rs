@@ -16,11 +16,9 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use compio::io::{AsyncReadAtExt, AsyncWriteAtExt};
@@ -124,13 +122,13 @@ pub(crate) fn run(
         .into_iter()
         .cloned()
         .collect();
-    let runtime = engine_runtime().map_err(|error| NodeError::Fatal {
+    let runtime = super::runtime::build().map_err(|error| NodeError::Fatal {
         reason: format!("setting up the engine's io_uring runtime: {error}"),
     })?;
     // SAFETY: the descriptor is the open copy `direct` owned, released to
     // the compio file, which closes it.
     let direct = unsafe { compio::fs::File::from_raw_fd(direct.into_raw_fd()) };
-    block_on(&runtime, async move {
+    super::runtime::block_on(&runtime, async move {
         let mut connections = connect_all(&config, &node, &secondaries, volume_uuid, epoch).await;
         let plan = plan_start(&secondaries, &connections, epoch)?;
         let startup_timeout = Duration::from_millis(config.replication.startup_timeout_ms);
@@ -234,96 +232,6 @@ pub(crate) fn run(
         engine.stop().await
     })
 }
-
-/// The engine's runtime: compio, whose thread waits in `io_uring_enter` on
-/// its one ring (tokio-uring's waits in tokio's `epoll_wait` beside it).
-/// The ring is set up with `IORING_SETUP_DEFER_TASKRUN` (and the
-/// `SINGLE_ISSUER` it needs) where the kernel has them (6.1 and later):
-/// the kernel's completions delivered as task work (every request of a
-/// hosted ublk queue) then run when the thread waits for completions, not
-/// wherever it happens to run. Older kernels get `COOP_TASKRUN` (5.19),
-/// then neither.
-fn engine_runtime() -> std::io::Result<compio::runtime::Runtime> {
-    let mut last_error = None;
-    for setup in [
-        RingSetup::DeferTaskrun,
-        RingSetup::CoopTaskrun,
-        RingSetup::Plain,
-    ] {
-        let mut proactor = compio::driver::ProactorBuilder::new();
-        proactor.capacity(ENGINE_RING_ENTRIES);
-        match setup {
-            RingSetup::DeferTaskrun => {
-                proactor.single_issuer(true).defer_taskrun(true);
-            }
-            RingSetup::CoopTaskrun => {
-                proactor.coop_taskrun(true);
-            }
-            RingSetup::Plain => {}
-        }
-        match compio::runtime::RuntimeBuilder::new()
-            .with_proactor(proactor)
-            .build()
-        {
-            Ok(runtime) => return Ok(runtime),
-            Err(error) => {
-                tracing::debug!(?setup, %error, "the kernel refused this io_uring setup");
-                last_error = Some(error);
-            }
-        }
-    }
-    Err(last_error.expect("at least one setup was tried"))
-}
-
-/// Most executor ticks the engine runs back to back before it looks at its
-/// ring without waiting: tasks that keep waking each other cannot hold the
-/// ring's completions back longer than that.
-const TICKS_BEFORE_RING_MAX: usize = 64;
-
-/// Runs `future` to its end on `runtime`, as `Runtime::block_on` does, but
-/// waits in the ring only once no task is ready. compio's own loop looks
-/// at the ring with a zero timeout whenever a tick leaves a task ready (one
-/// spawned or woken during it, as each local write is), and a wait with a
-/// zero timeout still puts the thread to sleep until its timer fires: one
-/// more context switch per write at queue depth 1 in the test VM.
-fn block_on<F: Future>(runtime: &compio::runtime::Runtime, future: F) -> F::Output {
-    runtime.enter(|| {
-        let waker = runtime.waker();
-        let mut context = Context::from_waker(&waker);
-        let mut future = std::pin::pin!(future);
-        loop {
-            if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
-                runtime.run();
-                return output;
-            }
-            let mut ready = true;
-            for _ in 0..TICKS_BEFORE_RING_MAX {
-                ready = runtime.run();
-                if !ready {
-                    break;
-                }
-            }
-            if ready {
-                runtime.poll_with(Some(Duration::ZERO));
-            } else {
-                runtime.poll();
-            }
-        }
-    })
-}
-
-/// The ways the engine's ring may be set up, best first.
-#[derive(Debug, Clone, Copy)]
-enum RingSetup {
-    DeferTaskrun,
-    CoopTaskrun,
-    Plain,
-}
-
-/// Entries of the engine's submission queue: room for a hosted queue's
-/// commands (one per tag), a write per request in flight and the sockets'
-/// operations; compio submits early when it fills.
-const ENGINE_RING_ENTRIES: u32 = 1024;
 
 /// Connects to every secondary at once, retrying until each answers or
 /// `startup_timeout_ms` passes.

@@ -36,6 +36,7 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
+use std::future::Future;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -46,8 +47,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
-use tokio::task::{JoinSet, LocalSet};
 
 use replblk::buf::{AlignedBuf, SharedBuf};
 use replblk::config::ReplicationConfig;
@@ -373,12 +374,15 @@ fn payload(length: u64) -> SharedBuf {
 }
 
 /// Runs `workload` on `target`: `queue_depth` workers, each keeping one
-/// write of the one shared payload in flight. Must run inside a LocalSet.
-async fn run_workload<T: Target + 'static>(
+/// write of the one shared payload in flight. Spawns nothing, so it runs on
+/// whichever runtime polls it; `sleep` is that runtime's timer, which bounds
+/// the wait for the last writes.
+async fn run_workload<T: Target + 'static, S: Future<Output = ()>>(
     target: Rc<T>,
     workload: &Workload,
     seconds: u64,
     interrupted: &'static AtomicBool,
+    sleep: impl FnOnce(Duration) -> S,
 ) -> anyhow::Result<Measured> {
     let data = payload(workload.block_bytes);
     let measured = Duration::from_secs(seconds);
@@ -389,15 +393,14 @@ async fn run_workload<T: Target + 'static>(
         offsets: RefCell::new(Offsets::new(workload)),
         interrupted,
     });
-    let mut workers = JoinSet::new();
-    for _ in 0..workload.queue_depth {
-        workers.spawn_local(worker(target.clone(), run.clone(), data.clone()));
-    }
+    let mut workers: FuturesUnordered<_> = (0..workload.queue_depth)
+        .map(|_| worker(target.clone(), run.clone(), data.clone()))
+        .collect();
     let collect = async {
         let mut completed = 0u64;
         let mut latency_us = histogram();
-        while let Some(joined) = workers.join_next().await {
-            let tally = joined.context("a worker task failed")??;
+        while let Some(tally) = workers.next().await {
+            let tally = tally?;
             completed += tally.completed;
             latency_us
                 .add(&tally.latency_us)
@@ -406,13 +409,14 @@ async fn run_workload<T: Target + 'static>(
         anyhow::Ok((completed, latency_us))
     };
     let limit = WARMUP + measured + DRAIN_TIMEOUT;
-    let (completed, latency_us) = tokio::time::timeout(limit, collect).await.map_err(|_| {
-        anyhow!(
+    let (completed, latency_us) = tokio::select! {
+        collected = collect => collected?,
+        () = sleep(limit) => bail!(
             "{}: writes still in flight {} s after the run's end",
             workload.name,
             DRAIN_TIMEOUT.as_secs()
-        )
-    })??;
+        ),
+    };
     if completed == 0 {
         bail!(
             "{}: no write completed in the measured window",
@@ -461,7 +465,14 @@ fn bench_local(
         let file = Rc::new(LocalFile(tokio_uring::fs::File::from_std(file)));
         let mut measured = Vec::new();
         for workload in &WORKLOADS {
-            let result = run_workload(file.clone(), workload, seconds, interrupted).await?;
+            let result = run_workload(
+                file.clone(),
+                workload,
+                seconds,
+                interrupted,
+                tokio::time::sleep,
+            )
+            .await?;
             progress("local", workload, &result);
             measured.push(result);
             file.0
@@ -536,17 +547,27 @@ fn bench_volume(
     let mut log_full_before = (0, 0);
     for workload in &WORKLOADS {
         let result = match caller {
-            Caller::Thread => LocalSet::new().block_on(
-                &runtime,
-                run_workload(target.clone(), workload, seconds, interrupted),
-            )?,
+            Caller::Thread => runtime.block_on(run_workload(
+                target.clone(),
+                workload,
+                seconds,
+                interrupted,
+                tokio::time::sleep,
+            ))?,
             Caller::Engine => {
                 let (sender, receiver) = std::sync::mpsc::channel();
                 volume
                     .host(Box::new(move |local| {
                         Box::pin(async move {
                             let target = Rc::new(ReplicatedVolume(local));
-                            let result = run_workload(target, workload, seconds, interrupted);
+                            // The engine's runtime is compio's.
+                            let result = run_workload(
+                                target,
+                                workload,
+                                seconds,
+                                interrupted,
+                                compio::time::sleep,
+                            );
                             let _ = sender.send(result.await);
                         })
                     }))
