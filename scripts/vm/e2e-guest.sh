@@ -66,12 +66,25 @@ start_secondaries "$bin" "$config" "$work" || fail "the secondaries did not come
 # Starts the primary (its log in node1.<start>.out) and waits for its
 # device; sets $device.
 starts=0
+# With "stuck-ok", a refusal of a device whose recovery a kill cut short is
+# answered as an operator would: replblk-ctl remove-device, and a new start.
 start_primary() {
     starts=$((starts + 1))
     local log=$work/node1.$starts.out
     RUST_LOG="${RUST_LOG:-info}" "$bin/replblkd" primary --config "$config" --node 1 >"$log" 2>&1 &
     primary_pid=$!
-    wait_for 180 grep -q "ublk device: " "$log" || fail "the primary did not create its device"
+    wait_for 180 grep -qE "^ublk device: |^replblkd: " "$log" \
+        || fail "the primary neither created its device nor refused it"
+    if [ "${1:-}" = stuck-ok ] && grep -q "device is stuck" "$log"; then
+        wait "$primary_pid" || true
+        primary_pid=""
+        "$bin/replblk-ctl" remove-device --config "$config" > "$work/remove.out" 2>&1 \
+            || { cat "$work/remove.out"; fail "replblk-ctl remove-device after a refusal"; }
+        refused=$((refused + 1))
+        start_primary
+        return
+    fi
+    grep -q "^ublk device: " "$log" || fail "the primary did not create its device"
     device=$(sed -n 's/^ublk device: //p' "$log" | tail -n 1)
     [ -b "$device" ] || fail "$device is not a block device"
     # See suppress_partition_scan in ublk/src/queue.rs: a scan is what a
@@ -246,7 +259,8 @@ for _ in $(seq 1 "$rounds"); do
         refused=$((refused + 1))
     fi
 done
-start_primary
+# The last kill may have cut a recovery short too.
+start_primary stuck-ok
 # The device serves requests after all that: a read of its first MiB.
 timeout 60 dd if="$device" of=/dev/null bs=1M count=1 iflag=direct status=none \
     || fail "$device does not serve a read after the kills"

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use replblk::config::Config;
 use replblk::node::{block_device, secondary, volume::Volume, NodeError};
 use replblk_ublk::UblkDeviceError;
+use tokio::sync::Notify;
 
 #[derive(Parser)]
 #[command(version, about = "Runs one node of a replblk volume")]
@@ -68,19 +69,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.role {
         RoleCommand::Secondary(args) => {
             let config = Config::load(&args.config)?;
-            secondary::run(&config, args.node)
+            // As for the primary: the stop signals are blocked in every
+            // thread and taken by one that waits for them, which tells the
+            // secondary to stop cleanly.
+            let signals = stop_signals()?;
+            let stop = Arc::new(Notify::new());
+            let stopper = stop.clone();
+            std::thread::Builder::new()
+                .name("replblk-signals".into())
+                .spawn(move || {
+                    if let Ok(signal) = signals.wait() {
+                        tracing::info!(?signal, "stopping");
+                        stopper.notify_one();
+                    }
+                })
+                .context("starting the signal thread")?;
+            secondary::run(&config, args.node, stop)
                 .with_context(|| format!("secondary node {}", args.node))
         }
         RoleCommand::Primary(args) => {
             let config = Config::load(&args.config)?;
-            // Block the stop signals before any thread starts, so every
-            // thread inherits the mask and this one alone receives them.
-            let mut signals = SigSet::empty();
-            signals.add(Signal::SIGTERM);
-            signals.add(Signal::SIGINT);
-            signals
-                .thread_block()
-                .context("blocking SIGTERM and SIGINT")?;
+            let signals = stop_signals()?;
             // Decide about the device before the engine starts, so a device
             // served by another process is refused without touching anything.
             let plan = if args.no_device {
@@ -119,6 +128,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             volume.stop().context("stopping the primary")
         }
     }
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread, before any other
+/// starts, so that every thread inherits the mask and only one that waits
+/// for them (`SigSet::wait`, `sigtimedwait`) receives them.
+fn stop_signals() -> anyhow::Result<SigSet> {
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals
+        .thread_block()
+        .context("blocking SIGTERM and SIGINT")?;
+    Ok(signals)
 }
 
 /// A device that only removing frees, with the command that removes it.

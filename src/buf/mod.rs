@@ -279,6 +279,12 @@ impl RecordRef {
     }
 }
 
+impl compio::buf::IoBuf for RecordRef {
+    fn as_init(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
 // SAFETY: the Rc keeps the allocation alive and unmoved for as long as this
 // clone lives (the pool takes it back only when the last clone is dropped),
 // and nothing writes the bytes once a RecordRef exists.

@@ -95,9 +95,8 @@ impl DirectFrame {
 
 /// Yields frames from a stream. Frames borrow the reader's buffer, so a
 /// frame must be consumed before the next read. `S` is the socket of the
-/// thread's runtime: compio's on the primary, tokio-uring's (the default)
-/// on a secondary.
-pub struct FrameReader<S: Socket = tokio_uring::net::TcpStream> {
+/// thread's runtime (the daemons': compio's).
+pub struct FrameReader<S: Socket = compio::net::TcpStream> {
     stream: Rc<S>,
     peer: String,
     buffer: Option<AlignedBuf>,

@@ -1,7 +1,6 @@
-//! A connected TCP socket of either io_uring runtime replblk runs on: the
-//! primary's engine runs on compio (its thread waits in `io_uring_enter` on
-//! its one ring, which the hosted ublk queue shares), the secondaries on
-//! tokio-uring. The framing ([`super::FrameReader`], [`super::Outbox`]) is
+//! A connected TCP socket of either io_uring runtime: compio's, which the
+//! daemons run on (`node::runtime`), or tokio-uring's, which the reader's
+//! tests use. The framing ([`super::FrameReader`], [`super::Outbox`]) is
 //! written once, over this trait.
 
 use std::future::Future;

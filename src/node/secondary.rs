@@ -1,18 +1,23 @@
 //! The secondary daemon: recovers its log into its copy, listens for the
-//! primary, and runs [`crate::core::secondary::Secondary`] over tokio-uring.
+//! primary, and runs [`crate::core::secondary::Secondary`] over compio
+//! (`node::runtime`).
 //!
 //! One primary session is served at a time; a newer primary connection
 //! replaces the old one. Tools (`replblk-ctl`, `replblk-resync`) connect
 //! with role Tool and may only query the log's state.
 
 use std::cell::{Cell, RefCell};
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use compio::buf::{IntoInner, IoBuf};
+use compio::io::AsyncWriteAtExt;
+use compio::net::{TcpListener, TcpStream};
+use compio::BufResult;
 use tokio::sync::Notify;
-use tokio_uring::buf::BoundedBuf;
-use tokio_uring::net::{TcpListener, TcpStream};
 
 use super::error::NodeError;
 use crate::buf::{BufPool, PooledBuf, RecordRef, POOL_IDLE_BYTES_MAX};
@@ -42,9 +47,9 @@ struct Node {
     node_id: u32,
     core: RefCell<Secondary<RecordRef>>,
     log: RefCell<LogFile>,
-    log_direct: Rc<tokio_uring::fs::File>,
+    log_direct: Rc<compio::fs::File>,
     /// The copy, for its fdatasyncs on the ring.
-    copy: Rc<tokio_uring::fs::File>,
+    copy: Rc<compio::fs::File>,
     /// The same copy, for the applies this thread writes itself (see
     /// `Action::Apply` in `pump`).
     copy_writer: std::fs::File,
@@ -61,8 +66,9 @@ struct Node {
     clock: Instant,
 }
 
-/// Runs a secondary until SIGTERM/SIGINT or a fatal I/O error.
-pub fn run(config: &Config, node_id: u32) -> Result<(), NodeError> {
+/// Runs a secondary until `stop` is notified (the daemon does on SIGTERM
+/// or SIGINT) or a fatal I/O error.
+pub fn run(config: &Config, node_id: u32, stop: Arc<Notify>) -> Result<(), NodeError> {
     let (node, data) = super::open_node_data(config, node_id)?;
     let volume_uuid = *config.volume.uuid.as_bytes();
     let mut log = LogFile::open(&node.log_path, volume_uuid, node_id)?;
@@ -95,14 +101,25 @@ pub fn run(config: &Config, node_id: u32) -> Result<(), NodeError> {
     let copy_writer = copy
         .try_clone()
         .map_err(|source| NodeError::io(&node.data_path, "opening the copy", source))?;
-    tokio_uring::start(async move {
+    let runtime = super::runtime::build().map_err(|error| NodeError::Fatal {
+        reason: format!("setting up the io_uring runtime: {error}"),
+    })?;
+    // SAFETY: the descriptors are the open log and copy that `log_direct`
+    // and `copy` owned, released to the compio files, which close them.
+    let (log_direct, copy) = unsafe {
+        (
+            compio::fs::File::from_raw_fd(log_direct.into_raw_fd()),
+            compio::fs::File::from_raw_fd(copy.into_raw_fd()),
+        )
+    };
+    super::runtime::block_on(&runtime, async move {
         let node_state = Rc::new(Node {
             volume_uuid,
             node_id,
             core: RefCell::new(Secondary::new(limits, position, &recovered, 0)),
             log: RefCell::new(log),
-            log_direct: Rc::new(tokio_uring::fs::File::from_std(log_direct)),
-            copy: Rc::new(tokio_uring::fs::File::from_std(copy)),
+            log_direct: Rc::new(log_direct),
+            copy: Rc::new(copy),
             copy_writer,
             records: BufPool::new(POOL_IDLE_BYTES_MAX),
             session: RefCell::new(None),
@@ -112,7 +129,7 @@ pub fn run(config: &Config, node_id: u32) -> Result<(), NodeError> {
             fatal_notify: Notify::new(),
             clock: Instant::now(),
         });
-        serve(node_state, node).await
+        serve(node_state, node, stop).await
     })
 }
 
@@ -174,31 +191,26 @@ fn recover(
     Ok((position, recovered))
 }
 
-async fn serve(node: Rc<Node>, config: NodeConfig) -> Result<(), NodeError> {
-    let listener = TcpListener::bind(config.address).map_err(|source| NodeError::Listen {
-        address: config.address,
-        source,
-    })?;
+async fn serve(node: Rc<Node>, config: NodeConfig, stop: Arc<Notify>) -> Result<(), NodeError> {
+    let listener = std::net::TcpListener::bind(config.address)
+        .and_then(TcpListener::from_std)
+        .map_err(|source| NodeError::Listen {
+            address: config.address,
+            source,
+        })?;
     tracing::info!(node = node.node_id, address = %config.address, next_seq = node.core.borrow().next_seq(), "secondary listening");
     let ticker = node.clone();
-    tokio_uring::spawn(async move {
+    compio::runtime::spawn(async move {
         loop {
             let timeout = ticker.core.borrow().poll_timeout();
             let wait_ms = timeout.map_or(1000, |at| at.saturating_sub(ticker.now_ms()).max(1));
-            tokio::time::sleep(Duration::from_millis(wait_ms.min(1000))).await;
+            compio::time::sleep(Duration::from_millis(wait_ms.min(1000))).await;
             let now = ticker.now_ms();
             ticker.core.borrow_mut().handle_timeout(now);
             ticker.pump();
         }
-    });
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| {
-        NodeError::io(&config.log_path, "installing the SIGTERM handler", source)
-    })?;
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|source| {
-        NodeError::io(&config.log_path, "installing the SIGINT handler", source)
-    })?;
+    })
+    .detach();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -206,16 +218,16 @@ async fn serve(node: Rc<Node>, config: NodeConfig) -> Result<(), NodeError> {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
                         let session_node = node.clone();
-                        tokio_uring::spawn(async move {
+                        compio::runtime::spawn(async move {
                             session_node.session(stream, peer.to_string()).await;
-                        });
+                        })
+                        .detach();
                     }
                     Err(error) => tracing::warn!(%error, "accept failed"),
                 }
             }
             _ = node.fatal_notify.notified() => {}
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            () = stop.notified() => break,
         }
         if let Some(reason) = node.fatal.borrow().clone() {
             return Err(NodeError::Fatal { reason });
@@ -227,7 +239,7 @@ async fn serve(node: Rc<Node>, config: NodeConfig) -> Result<(), NodeError> {
     }
     let deadline = Instant::now() + Duration::from_millis(STOP_DRAIN_TIMEOUT_MS);
     while !node.core.borrow().is_idle() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        compio::time::sleep(Duration::from_millis(5)).await;
     }
     if let Some(reason) = node.fatal.borrow().clone() {
         return Err(NodeError::Fatal { reason });
@@ -277,7 +289,7 @@ impl Node {
     async fn session(self: &Rc<Self>, stream: TcpStream, peer: String) {
         let stream = Rc::new(stream);
         let (outbox, writer) = Outbox::new(stream.clone(), peer.clone());
-        tokio_uring::spawn(writer);
+        compio::runtime::spawn(writer).detach();
         // Large updates arrive straight in their log record's buffer.
         let mut reader = FrameReader::with_direct_updates(
             stream,
@@ -319,7 +331,7 @@ impl Node {
     /// the peer's role and the records the LogState described.
     async fn handshake(
         self: &Rc<Self>,
-        reader: &mut FrameReader,
+        reader: &mut FrameReader<TcpStream>,
         outbox: &Rc<Outbox>,
     ) -> Result<(Role, LogWindow), Refusal> {
         reader.fill().await.map_err(Refusal::from_net)?;
@@ -349,7 +361,7 @@ impl Node {
                         format!("the log header's sync is still not done after {HANDSHAKE_WRITE_WAIT_MS_MAX} ms"),
                     ));
                 }
-                tokio::time::sleep(Duration::from_millis(HANDSHAKE_WRITE_POLL_MS)).await;
+                compio::time::sleep(Duration::from_millis(HANDSHAKE_WRITE_POLL_MS)).await;
             }
             let epoch = self.core.borrow().epoch();
             if hello.epoch < epoch {
@@ -403,7 +415,7 @@ impl Node {
                         format!("records up to seq {} are still not written after {HANDSHAKE_WRITE_WAIT_MS_MAX} ms", next - 1),
                     ));
                 }
-                tokio::time::sleep(Duration::from_millis(HANDSHAKE_WRITE_POLL_MS)).await;
+                compio::time::sleep(Duration::from_millis(HANDSHAKE_WRITE_POLL_MS)).await;
             }
             *self.session.borrow_mut() = Some((generation, outbox.clone()));
             self.core.borrow_mut().connection_started();
@@ -436,7 +448,7 @@ impl Node {
 
     async fn tool_session(
         self: &Rc<Self>,
-        reader: &mut FrameReader,
+        reader: &mut FrameReader<TcpStream>,
         outbox: &Rc<Outbox>,
     ) -> Result<(), Refusal> {
         loop {
@@ -462,7 +474,7 @@ impl Node {
 
     async fn primary_session(
         self: &Rc<Self>,
-        reader: &mut FrameReader,
+        reader: &mut FrameReader<TcpStream>,
         outbox: &Rc<Outbox>,
         window: LogWindow,
     ) -> Result<(), Refusal> {
@@ -475,7 +487,7 @@ impl Node {
 
     async fn primary_frames(
         self: &Rc<Self>,
-        reader: &mut FrameReader,
+        reader: &mut FrameReader<TcpStream>,
         outbox: &Rc<Outbox>,
         window: LogWindow,
     ) -> Result<(), Refusal> {
@@ -830,7 +842,7 @@ impl Node {
         done: impl FnOnce(&mut Secondary<RecordRef>, T, u64) + 'static,
     ) {
         let node = self.clone();
-        tokio_uring::spawn(async move {
+        compio::runtime::spawn(async move {
             match io.await {
                 Ok(value) => {
                     let now = node.now_ms();
@@ -839,7 +851,8 @@ impl Node {
                 }
                 Err(error) => node.fail(format!("{context}: {error}")),
             }
-        });
+        })
+        .detach();
     }
 
     async fn write_batch(
@@ -853,15 +866,14 @@ impl Node {
             let record = batch.into_iter().next().expect("one record").2;
             let size = record.len() as u64;
             let (first, second) = wal::split_at_wrap(ring_offset, size, ring_len);
-            let (result, record) = self
-                .log_direct
+            let mut log = &*self.log_direct;
+            let BufResult(result, record) = log
                 .write_all_at(record.slice(..first as usize), file_offset)
                 .await;
             result?;
             if second > 0 {
                 let record = record.into_inner();
-                let (result, _) = self
-                    .log_direct
+                let BufResult(result, _) = log
                     .write_all_at(record.slice(first as usize..), LogFile::ring_file_offset(0))
                     .await;
                 result?;
@@ -871,11 +883,9 @@ impl Node {
         let buffers: Vec<RecordRef> = batch.into_iter().map(|(_, _, record)| record).collect();
         let size: u64 = buffers.iter().map(|record| record.len() as u64).sum();
         assert!(ring_offset + size <= ring_len, "a merged write never wraps");
-        let (result, _) = self
-            .log_direct
-            .writev_at_all(buffers, Some(file_offset))
-            .await;
-        result.map(|_| ())
+        let mut log = &*self.log_direct;
+        let BufResult(result, _) = log.write_vectored_all_at(buffers, file_offset).await;
+        result
     }
 }
 
