@@ -127,29 +127,6 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
-// SAFETY: the allocation never moves while the AlignedBuf lives (it is on the
-// heap and AlignedBuf never reallocates), and all len bytes are initialised.
-unsafe impl tokio_uring::buf::IoBuf for AlignedBuf {
-    fn stable_ptr(&self) -> *const u8 {
-        self.ptr.as_ptr()
-    }
-    fn bytes_init(&self) -> usize {
-        self.len
-    }
-    fn bytes_total(&self) -> usize {
-        self.len
-    }
-}
-
-// SAFETY: as for IoBuf; the buffer is always fully initialised, so
-// set_init has nothing to record.
-unsafe impl tokio_uring::buf::IoBufMut for AlignedBuf {
-    fn stable_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-    unsafe fn set_init(&mut self, _pos: usize) {}
-}
-
 impl compio::buf::IoBuf for AlignedBuf {
     fn as_init(&self) -> &[u8] {
         self.as_slice()
@@ -229,21 +206,6 @@ impl SharedBuf {
     }
 }
 
-// SAFETY: the Arc keeps the allocation alive and unmoved for as long as this
-// clone lives, and the bytes are never written through a SharedBuf (nor, by
-// the contract of `prefix`, by anyone else while it lives).
-unsafe impl tokio_uring::buf::IoBuf for SharedBuf {
-    fn stable_ptr(&self) -> *const u8 {
-        self.buf.ptr.as_ptr()
-    }
-    fn bytes_init(&self) -> usize {
-        self.length_bytes
-    }
-    fn bytes_total(&self) -> usize {
-        self.length_bytes
-    }
-}
-
 impl compio::buf::IoBuf for SharedBuf {
     fn as_init(&self) -> &[u8] {
         self.as_slice()
@@ -282,21 +244,6 @@ impl RecordRef {
 impl compio::buf::IoBuf for RecordRef {
     fn as_init(&self) -> &[u8] {
         self.as_slice()
-    }
-}
-
-// SAFETY: the Rc keeps the allocation alive and unmoved for as long as this
-// clone lives (the pool takes it back only when the last clone is dropped),
-// and nothing writes the bytes once a RecordRef exists.
-unsafe impl tokio_uring::buf::IoBuf for RecordRef {
-    fn stable_ptr(&self) -> *const u8 {
-        self.buf.buf().ptr.as_ptr()
-    }
-    fn bytes_init(&self) -> usize {
-        self.buf.buf().len
-    }
-    fn bytes_total(&self) -> usize {
-        self.buf.buf().len
     }
 }
 

@@ -92,30 +92,6 @@ impl PooledBuf {
     }
 }
 
-// SAFETY: the AlignedBuf inside stays put (heap allocation, never
-// reallocated) for as long as this PooledBuf lives, and all its bytes are
-// initialised.
-unsafe impl tokio_uring::buf::IoBuf for PooledBuf {
-    fn stable_ptr(&self) -> *const u8 {
-        self.buf().as_slice().as_ptr()
-    }
-    fn bytes_init(&self) -> usize {
-        self.buf().len()
-    }
-    fn bytes_total(&self) -> usize {
-        self.buf().len()
-    }
-}
-
-// SAFETY: as for IoBuf; the buffer is always fully initialised, so set_init
-// has nothing to record.
-unsafe impl tokio_uring::buf::IoBufMut for PooledBuf {
-    fn stable_mut_ptr(&mut self) -> *mut u8 {
-        self.buf_mut().as_mut_slice().as_mut_ptr()
-    }
-    unsafe fn set_init(&mut self, _pos: usize) {}
-}
-
 impl compio::buf::IoBuf for PooledBuf {
     fn as_init(&self) -> &[u8] {
         self.buf().as_slice()

@@ -1,8 +1,7 @@
 //! Framed TCP over io_uring: a reader that yields whole frames out of a
 //! reusable buffer, and an outbox whose writer task sends every queued frame
 //! in one `writev`, update payloads straight from their shared buffers. Both
-//! run over [`Socket`]: the daemons' sockets are compio's, tokio-uring's
-//! serve the reader's tests.
+//! run over [`Socket`], which compio's sockets implement.
 
 mod outbox;
 mod query;

@@ -38,21 +38,6 @@ impl OutBuf {
     }
 }
 
-// SAFETY: both variants own (or share, via Arc) a heap allocation that does
-// not move or change while this value lives; the pointer and length describe
-// initialised bytes within it.
-unsafe impl tokio_uring::buf::IoBuf for OutBuf {
-    fn stable_ptr(&self) -> *const u8 {
-        self.bytes().as_ptr()
-    }
-    fn bytes_init(&self) -> usize {
-        self.bytes().len()
-    }
-    fn bytes_total(&self) -> usize {
-        self.bytes().len()
-    }
-}
-
 impl compio::buf::IoBuf for OutBuf {
     fn as_init(&self) -> &[u8] {
         self.bytes()

@@ -350,7 +350,8 @@ impl<S: Socket> FrameReader<S> {
 mod tests {
     use super::*;
     use crate::proto::{data_crc32, encode_update_header, UpdateHeader, UPDATE_DATA_MAX_BYTES};
-    use tokio_uring::net::TcpStream;
+    use compio::io::AsyncWriteExt;
+    use compio::net::{TcpListener, TcpStream};
 
     /// An Update frame of `length` bytes of data, each byte derived from
     /// `seq`, encoded whole.
@@ -373,9 +374,9 @@ mod tests {
     /// A connected pair of streams on 127.0.0.1: the connecting end and the
     /// accepted one.
     async fn loopback_pair() -> (TcpStream, TcpStream) {
-        let listener = tokio_uring::net::TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let connecting = tokio_uring::spawn(async move { TcpStream::connect(address).await });
+        let connecting = compio::runtime::spawn(async move { TcpStream::connect(address).await });
         let (accepted, _) = listener.accept().await.unwrap();
         (connecting.await.unwrap().unwrap(), accepted)
     }
@@ -394,66 +395,69 @@ mod tests {
             .collect();
         let stream: Vec<u8> = frames.concat();
         let pool = BufPool::new(8 << 20);
-        tokio_uring::start(async move {
-            let (connection, accepted) = loopback_pair().await;
-            let sender = tokio_uring::spawn(async move {
-                // Pieces of sizes that do not line up with frames.
-                let mut sent = 0;
-                for piece in pieces.iter().cycle() {
-                    if sent == stream.len() {
-                        break;
+        compio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async move {
+                let (mut connection, accepted) = loopback_pair().await;
+                let sender = compio::runtime::spawn(async move {
+                    // Pieces of sizes that do not line up with frames.
+                    let mut sent = 0;
+                    for piece in pieces.iter().cycle() {
+                        if sent == stream.len() {
+                            break;
+                        }
+                        let end = (sent + piece).min(stream.len());
+                        let compio::BufResult(result, _) =
+                            connection.write_all(stream[sent..end].to_vec()).await;
+                        result.unwrap();
+                        sent = end;
                     }
-                    let end = (sent + piece).min(stream.len());
-                    let (result, _) = connection.write_all(stream[sent..end].to_vec()).await;
-                    result.unwrap();
-                    sent = end;
-                }
-            });
-            let connection = Rc::new(accepted);
-            const DATA_AT: usize = 64;
-            let mut reader = if direct {
-                FrameReader::with_direct_updates(
-                    connection,
-                    "test".into(),
-                    DirectUpdates {
-                        pool: pool.clone(),
-                        data_offset_bytes: DATA_AT,
-                        buffer_len_bytes: |length| {
-                            (DATA_AT + length as usize).next_multiple_of(4096)
+                });
+                let connection = Rc::new(accepted);
+                const DATA_AT: usize = 64;
+                let mut reader = if direct {
+                    FrameReader::with_direct_updates(
+                        connection,
+                        "test".into(),
+                        DirectUpdates {
+                            pool: pool.clone(),
+                            data_offset_bytes: DATA_AT,
+                            buffer_len_bytes: |length| {
+                                (DATA_AT + length as usize).next_multiple_of(4096)
+                            },
                         },
-                    },
-                )
-            } else {
-                FrameReader::new(connection, "test".into())
-            };
-            for (index, expected) in frames.iter().enumerate() {
-                reader.fill().await.unwrap();
-                assert!(reader.has_frame());
-                let (frame, length, data_crc) = reader.frame_with_data_crc().unwrap();
-                assert_eq!(length, expected.len(), "frame {index}'s length");
-                let data = match frame {
-                    Frame::Update { header, data } => {
-                        assert_eq!(header.seq, index as u64 + 1);
-                        assert_eq!(data, &expected[expected.len() - data.len()..]);
-                        assert_eq!(data_crc, Some(data_crc32(data)));
-                        data.to_vec()
-                    }
-                    other => panic!("frame {index} decoded as {:?}", other.kind()),
-                };
-                let large = length >= DIRECT_FRAME_MIN_BYTES;
-                assert_eq!(reader.is_direct(), direct && large, "frame {index}");
-                if reader.is_direct() {
-                    let buf = reader.take_direct_buffer().unwrap();
-                    let bytes = buf.buf().as_slice();
-                    assert_eq!(bytes.len(), (DATA_AT + data.len()).next_multiple_of(4096));
-                    assert_eq!(&bytes[DATA_AT..DATA_AT + data.len()], &data[..]);
+                    )
                 } else {
-                    reader.consume(length);
+                    FrameReader::new(connection, "test".into())
+                };
+                for (index, expected) in frames.iter().enumerate() {
+                    reader.fill().await.unwrap();
+                    assert!(reader.has_frame());
+                    let (frame, length, data_crc) = reader.frame_with_data_crc().unwrap();
+                    assert_eq!(length, expected.len(), "frame {index}'s length");
+                    let data = match frame {
+                        Frame::Update { header, data } => {
+                            assert_eq!(header.seq, index as u64 + 1);
+                            assert_eq!(data, &expected[expected.len() - data.len()..]);
+                            assert_eq!(data_crc, Some(data_crc32(data)));
+                            data.to_vec()
+                        }
+                        other => panic!("frame {index} decoded as {:?}", other.kind()),
+                    };
+                    let large = length >= DIRECT_FRAME_MIN_BYTES;
+                    assert_eq!(reader.is_direct(), direct && large, "frame {index}");
+                    if reader.is_direct() {
+                        let buf = reader.take_direct_buffer().unwrap();
+                        let bytes = buf.buf().as_slice();
+                        assert_eq!(bytes.len(), (DATA_AT + data.len()).next_multiple_of(4096));
+                        assert_eq!(&bytes[DATA_AT..DATA_AT + data.len()], &data[..]);
+                    } else {
+                        reader.consume(length);
+                    }
                 }
-            }
-            assert!(!reader.has_frame(), "nothing after the last frame");
-            sender.await.unwrap();
-        });
+                assert!(!reader.has_frame(), "nothing after the last frame");
+                sender.await.unwrap();
+            });
     }
 
     /// A large Update with one bit of its data flipped, received directly:
@@ -462,33 +466,35 @@ mod tests {
     fn a_large_update_received_directly_with_a_flipped_bit_is_refused() {
         let mut frame = update(1, 1 << 20);
         frame[UPDATE_DATA_AT_BYTES + 1000] ^= 0x10;
-        tokio_uring::start(async move {
-            let (connection, accepted) = loopback_pair().await;
-            let sender = tokio_uring::spawn(async move {
-                let (result, _) = connection.write_all(frame).await;
-                result.unwrap();
-                connection
+        compio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async move {
+                let (mut connection, accepted) = loopback_pair().await;
+                let sender = compio::runtime::spawn(async move {
+                    let compio::BufResult(result, _) = connection.write_all(frame).await;
+                    result.unwrap();
+                    connection
+                });
+                let mut reader = FrameReader::with_direct_updates(
+                    Rc::new(accepted),
+                    "test".into(),
+                    DirectUpdates {
+                        pool: BufPool::new(4 << 20),
+                        data_offset_bytes: UPDATE_DATA_AT_BYTES,
+                        buffer_len_bytes: |length| UPDATE_DATA_AT_BYTES + length as usize,
+                    },
+                );
+                reader.fill().await.unwrap();
+                assert!(reader.is_direct());
+                match reader.frame_with_data_crc() {
+                    Err(NetError::Proto {
+                        source: ProtoError::BadCrc { .. },
+                        ..
+                    }) => {}
+                    other => panic!("expected a bad crc, got {:?}", other.map(|f| f.1)),
+                }
+                drop(sender.await.unwrap());
             });
-            let mut reader = FrameReader::with_direct_updates(
-                Rc::new(accepted),
-                "test".into(),
-                DirectUpdates {
-                    pool: BufPool::new(4 << 20),
-                    data_offset_bytes: UPDATE_DATA_AT_BYTES,
-                    buffer_len_bytes: |length| UPDATE_DATA_AT_BYTES + length as usize,
-                },
-            );
-            reader.fill().await.unwrap();
-            assert!(reader.is_direct());
-            match reader.frame_with_data_crc() {
-                Err(NetError::Proto {
-                    source: ProtoError::BadCrc { .. },
-                    ..
-                }) => {}
-                other => panic!("expected a bad crc, got {:?}", other.map(|f| f.1)),
-            }
-            drop(sender.await.unwrap());
-        });
     }
 
     /// Lengths around every size the reader treats differently.

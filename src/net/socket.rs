@@ -1,7 +1,7 @@
-//! A connected TCP socket of either io_uring runtime: compio's, which the
-//! daemons run on (`node::runtime`), or tokio-uring's, which the reader's
-//! tests use. The framing ([`super::FrameReader`], [`super::Outbox`]) is
-//! written once, over this trait.
+//! What the framing ([`super::FrameReader`], [`super::Outbox`]) needs of a
+//! connected TCP socket, and its implementation for compio's, the daemons'
+//! runtime (`node::runtime`). The framing knows no more of the runtime than
+//! this trait says.
 
 use std::future::Future;
 use std::io;
@@ -9,17 +9,13 @@ use std::ops::Range;
 
 use compio::buf::{BufResult, IntoInner, IoBuf};
 use compio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio_uring::buf::BoundedBuf;
 
 use super::OutBuf;
 use crate::buf::{AlignedBuf, PooledBuf};
 
-/// A buffer either runtime reads into. Such buffers are always wholly
+/// A buffer a socket reads into. Such buffers are always wholly
 /// initialised, so a read has no length to record in them.
-pub trait ReadBuf:
-    tokio_uring::buf::IoBufMut + compio::buf::IoBufMut + compio::buf::SetLen
-{
-}
+pub trait ReadBuf: compio::buf::IoBufMut + compio::buf::SetLen {}
 
 impl ReadBuf for AlignedBuf {}
 impl ReadBuf for PooledBuf {}
@@ -47,25 +43,6 @@ pub trait Socket: 'static {
     /// Shuts both directions down at once, waking a read or write blocked
     /// on the socket.
     fn shutdown_both(&self);
-}
-
-impl Socket for tokio_uring::net::TcpStream {
-    async fn read_into<B: ReadBuf>(&self, buf: B, range: Range<usize>) -> (io::Result<usize>, B) {
-        let (result, slice) = self.read(BoundedBuf::slice(buf, range)).await;
-        (result, slice.into_inner())
-    }
-
-    async fn write_pieces(&self, pieces: Vec<OutBuf>) -> (io::Result<usize>, Vec<OutBuf>) {
-        self.writev(pieces).await
-    }
-
-    async fn write_all_bytes(&self, bytes: Vec<u8>) -> io::Result<()> {
-        self.write_all(bytes).await.0
-    }
-
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
-    }
 }
 
 impl Socket for compio::net::TcpStream {

@@ -5,7 +5,7 @@ pub mod block_device;
 pub mod error;
 pub mod local_cluster;
 pub mod primary;
-mod runtime;
+pub mod runtime;
 pub mod secondary;
 mod tool_server;
 pub mod volume;

@@ -1,4 +1,5 @@
-//! The daemons' runtime: compio on one thread with one io_uring, waited on
+//! The daemons' runtime (and the benchmark's, for its baseline): compio on
+//! one thread with one io_uring, waited on
 //! in `io_uring_enter` itself (tokio-uring's runtime waits in tokio's
 //! `epoll_wait` beside its ring instead, which costs a wake-up more, and an
 //! `EINTR`, whenever the kernel completes something as task work).
@@ -35,7 +36,7 @@ enum RingSetup {
 /// to an io-wq worker) then run when the thread asks for completions, not
 /// wherever it happens to run. Older kernels get `COOP_TASKRUN` (5.19),
 /// then neither.
-pub(crate) fn build() -> std::io::Result<Runtime> {
+pub fn build() -> std::io::Result<Runtime> {
     let mut last_error = None;
     for setup in [
         RingSetup::DeferTaskrun,
@@ -71,7 +72,7 @@ pub(crate) fn build() -> std::io::Result<Runtime> {
 /// and a wait with a zero timeout still puts the thread to sleep until its
 /// timer fires: one more context switch per write at queue depth 1 in the
 /// test VM (BENCHMARKS.md, run 10).
-pub(crate) fn block_on<F: Future>(runtime: &Runtime, future: F) -> F::Output {
+pub fn block_on<F: Future>(runtime: &Runtime, future: F) -> F::Output {
     runtime.enter(|| {
         let waker = runtime.waker();
         let mut context = Context::from_waker(&waker);

@@ -340,8 +340,8 @@ impl LogFile {
         self.staged
     }
 
-    /// A second descriptor of the O_DIRECT fd, for the async driver
-    /// (`tokio_uring::fs::File::from_std`).
+    /// A second descriptor of the O_DIRECT fd, for the async driver (the
+    /// secondary hands it to compio).
     pub fn direct_file(&self) -> io::Result<File> {
         self.direct.try_clone()
     }

@@ -11,7 +11,7 @@
 //! Three workloads (4 KiB random writes at queue depth 1 and 32, 1 MiB
 //! sequential writes at queue depth 4) run against four targets:
 //!
-//! - `local`: a 1 GiB file opened with O_DIRECT, written with tokio-uring
+//! - `local`: a 1 GiB file opened with O_DIRECT, written through io_uring
 //!   (no fdatasync, as a volume write completes without one too);
 //! - `replblk-0`, `replblk-1`, `replblk-2`: a 1 GiB volume with 0, 1 and 2
 //!   `replblkd` secondaries on 127.0.0.1, the primary in this process
@@ -47,6 +47,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
+use compio::io::AsyncWriteAt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 
@@ -237,13 +238,15 @@ trait Target {
     async fn write(&self, offset_bytes: u64, data: SharedBuf) -> anyhow::Result<()>;
 }
 
-/// The baseline: a local O_DIRECT file through tokio-uring.
-struct LocalFile(tokio_uring::fs::File);
+/// The baseline: a local O_DIRECT file through the daemons' runtime
+/// (`replblk::node::runtime`), so that baseline and volume wait alike.
+struct LocalFile(compio::fs::File);
 
 impl Target for LocalFile {
     async fn write(&self, offset_bytes: u64, data: SharedBuf) -> anyhow::Result<()> {
         let length = data.len();
-        let (result, _) = self.0.write_at(data, offset_bytes).submit().await;
+        let mut file = &self.0;
+        let compio::BufResult(result, _) = file.write_at(data, offset_bytes).await;
         let written =
             result.with_context(|| format!("writing the local file at {offset_bytes}"))?;
         if written != length {
@@ -461,8 +464,17 @@ fn bench_local(
     if fill {
         prefill(&path)?;
     }
-    let measured = tokio_uring::start(async {
-        let file = Rc::new(LocalFile(tokio_uring::fs::File::from_std(file)));
+    drop(file);
+    let runtime = replblk::node::runtime::build().context("setting up the io_uring runtime")?;
+    let measured = replblk::node::runtime::block_on(&runtime, async {
+        let file = compio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .await
+            .with_context(|| format!("opening {} with O_DIRECT", path.display()))?;
+        let file = Rc::new(LocalFile(file));
         let mut measured = Vec::new();
         for workload in &WORKLOADS {
             let result = run_workload(
@@ -470,7 +482,7 @@ fn bench_local(
                 workload,
                 seconds,
                 interrupted,
-                tokio::time::sleep,
+                compio::time::sleep,
             )
             .await?;
             progress("local", workload, &result);
