@@ -21,7 +21,7 @@ impl ReadBuf for AlignedBuf {}
 impl ReadBuf for PooledBuf {}
 
 /// What the framing needs of a connected socket. Buffers are owned by the
-/// operation while it runs (both runtimes hand them to the kernel) and come
+/// operation while it runs (the runtime hands them to the kernel) and come
 /// back with its result.
 pub trait Socket: 'static {
     /// Reads into `buf[range]`, returning the count (0: closed by the peer).
