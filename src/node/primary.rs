@@ -17,7 +17,6 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -125,9 +124,7 @@ pub(crate) fn run(
     let runtime = super::runtime::build().map_err(|error| NodeError::Fatal {
         reason: format!("setting up the engine's io_uring runtime: {error}"),
     })?;
-    // SAFETY: the descriptor is the open copy `direct` owned, released to
-    // the compio file, which closes it.
-    let direct = unsafe { compio::fs::File::from_raw_fd(direct.into_raw_fd()) };
+    let direct = super::runtime::ring_file(direct);
     super::runtime::block_on(&runtime, async move {
         let mut connections = connect_all(&config, &node, &secondaries, volume_uuid, epoch).await;
         let plan = plan_start(&secondaries, &connections, epoch)?;
@@ -196,7 +193,7 @@ pub(crate) fn run(
         compio::runtime::spawn(async move { timer.run_timer().await }).detach();
         let reporter = engine.clone();
         compio::runtime::spawn(async move { reporter.report_log_full_waits().await }).detach();
-        if let Some(listener) = super::tool_server::listen(node.address) {
+        if let Some(listener) = super::tool_server::listen(node.address).await {
             let timeout = engine.handshake_timeout;
             compio::runtime::spawn(super::tool_server::serve(listener, engine.clone(), timeout))
                 .detach();

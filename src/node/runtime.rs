@@ -5,6 +5,7 @@
 //! `EINTR`, whenever the kernel completes something as task work).
 
 use std::future::Future;
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -63,6 +64,14 @@ pub fn build() -> std::io::Result<Runtime> {
         }
     }
     Err(last_error.expect("at least one setup was tried"))
+}
+
+/// `file`, opened already (with the flags and checks of `store` and `wal`),
+/// as a file of the runtime's ring.
+pub(crate) fn ring_file(file: std::fs::File) -> compio::fs::File {
+    // SAFETY: the descriptor is the open file `file` owned, released here
+    // to the compio file, which owns and closes it from now on.
+    unsafe { compio::fs::File::from_raw_fd(file.into_raw_fd()) }
 }
 
 /// Runs `future` to its end on `runtime`, as `Runtime::block_on` does, but

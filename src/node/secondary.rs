@@ -7,7 +7,6 @@
 //! with role Tool and may only query the log's state.
 
 use std::cell::{Cell, RefCell};
-use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -15,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use compio::buf::{IntoInner, IoBuf};
 use compio::io::AsyncWriteAtExt;
-use compio::net::{TcpListener, TcpStream};
+use compio::net::TcpStream;
 use compio::BufResult;
 use tokio::sync::Notify;
 
@@ -104,14 +103,10 @@ pub fn run(config: &Config, node_id: u32, stop: Arc<Notify>) -> Result<(), NodeE
     let runtime = super::runtime::build().map_err(|error| NodeError::Fatal {
         reason: format!("setting up the io_uring runtime: {error}"),
     })?;
-    // SAFETY: the descriptors are the open log and copy that `log_direct`
-    // and `copy` owned, released to the compio files, which close them.
-    let (log_direct, copy) = unsafe {
-        (
-            compio::fs::File::from_raw_fd(log_direct.into_raw_fd()),
-            compio::fs::File::from_raw_fd(copy.into_raw_fd()),
-        )
-    };
+    let (log_direct, copy) = (
+        super::runtime::ring_file(log_direct),
+        super::runtime::ring_file(copy),
+    );
     super::runtime::block_on(&runtime, async move {
         let node_state = Rc::new(Node {
             volume_uuid,
@@ -192,12 +187,13 @@ fn recover(
 }
 
 async fn serve(node: Rc<Node>, config: NodeConfig, stop: Arc<Notify>) -> Result<(), NodeError> {
-    let listener = std::net::TcpListener::bind(config.address)
-        .and_then(TcpListener::from_std)
-        .map_err(|source| NodeError::Listen {
-            address: config.address,
-            source,
-        })?;
+    let listener =
+        crate::net::listen(config.address)
+            .await
+            .map_err(|source| NodeError::Listen {
+                address: config.address,
+                source,
+            })?;
     tracing::info!(node = node.node_id, address = %config.address, next_seq = node.core.borrow().next_seq(), "secondary listening");
     let ticker = node.clone();
     compio::runtime::spawn(async move {

@@ -32,8 +32,8 @@ pub(crate) trait VolumeReport {
 /// Binds `address` for tools. A primary that cannot (the port is taken)
 /// still serves its volume; only the status of it is missing, and that is
 /// logged.
-pub(crate) fn listen(address: SocketAddr) -> Option<TcpListener> {
-    match std::net::TcpListener::bind(address).and_then(TcpListener::from_std) {
+pub(crate) async fn listen(address: SocketAddr) -> Option<TcpListener> {
+    match crate::net::listen(address).await {
         Ok(listener) => Some(listener),
         Err(error) => {
             tracing::warn!(%address, %error, "cannot listen for tools; replblk-ctl status will not reach this primary");
