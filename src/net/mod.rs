@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 use compio::net::{TcpListener, TcpStream};
 
 /// How long [`listen`] keeps trying an address that is in use. A daemon
-/// killed a moment ago may still hold its listening socket: the kernel tears
-/// a dead process's io_uring down after the process is gone, and the accept
-/// the ring had in flight keeps the socket open until then.
+/// killed a moment ago was seen to still hold its listening socket, most
+/// likely because the kernel tears a dead process's io_uring down after the
+/// process is gone and the accept the ring had in flight keeps the socket
+/// open until then.
 pub const LISTEN_IN_USE_WAIT_MS: u64 = 5_000;
 /// How often [`listen`] tries again meanwhile.
 const LISTEN_RETRY_MS: u64 = 20;
