@@ -612,6 +612,15 @@ impl<P: Clone> Primary<P> {
         stats
     }
 
+    /// Log-full waits begun so far, summed over the members: a cheap
+    /// "did a wait begin" for the driver, which reports them.
+    pub fn log_full_waits_total(&self) -> u64 {
+        self.members
+            .iter()
+            .map(|record| record.stats.log_full_waits)
+            .sum()
+    }
+
     /// True when the member was dropped from the volume.
     pub fn is_dropped(&self, member: usize) -> bool {
         self.members[member].state == MemberState::Dropped

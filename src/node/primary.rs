@@ -84,6 +84,10 @@ pub(crate) struct Engine {
     /// The deadline (engine ms) the timer task sleeps until; `Some(0)`
     /// while it runs, `None` while no deadline exists.
     timer_armed_ms: Cell<Option<u64>>,
+    /// Log-full waits already handed to the reporter task.
+    log_full_waits_seen: Cell<u64>,
+    /// Wakes the reporter task when a log-full wait begins.
+    log_full_began: Notify,
 }
 
 /// A secondary's connection after the handshake.
@@ -188,6 +192,8 @@ pub(crate) fn run(
             last_crc32: Cell::new(None),
             timer_rearm: Notify::new(),
             timer_armed_ms: Cell::new(Some(0)),
+            log_full_waits_seen: Cell::new(0),
+            log_full_began: Notify::new(),
         });
         let timer = engine.clone();
         compio::runtime::spawn(async move { timer.run_timer().await }).detach();
@@ -744,13 +750,17 @@ impl Engine {
         }
     }
 
-    /// Logs, every `LOG_FULL_REPORT_INTERVAL_MS`, each secondary whose log
-    /// held writes back for room in the interval: the operator's sign that
-    /// its log is too small for the load (or that it clears slowly).
+    /// Logs, `LOG_FULL_REPORT_INTERVAL_MS` after a log-full wait begins,
+    /// each secondary whose log held writes back in that interval: the
+    /// operator's sign that its log is too small for the load (or that it
+    /// clears slowly). It sleeps on a timer only while there is something
+    /// to report: a pending timer costs compio's loop two clock reads and a
+    /// map split on every wait in the ring (BENCHMARKS.md, run 12).
     async fn report_log_full_waits(self: Rc<Self>) {
         let interval = Duration::from_millis(LOG_FULL_REPORT_INTERVAL_MS);
         let mut reported = vec![MemberStats::default(); self.members.len()];
         while !self.stopping.get() {
+            self.log_full_began.notified().await;
             compio::time::sleep(interval).await;
             for (index, member) in self.members.iter().enumerate() {
                 let stats = self.core.borrow().member_stats(index);
@@ -799,6 +809,7 @@ impl Engine {
         loop {
             let Some(action) = self.core.borrow_mut().poll_action() else {
                 self.rearm_timer();
+                self.note_log_full_waits();
                 return;
             };
             match action {
@@ -909,6 +920,17 @@ impl Engine {
             .is_none_or(|armed_ms| due_ms < armed_ms)
         {
             self.timer_rearm.notify_one();
+        }
+    }
+
+    /// Wakes the reporter task if a log-full wait began since it was last
+    /// told. A wait that begins while it sleeps leaves it a permit, so
+    /// that the next interval reports it.
+    fn note_log_full_waits(&self) {
+        let waits = self.core.borrow().log_full_waits_total();
+        if waits != self.log_full_waits_seen.get() {
+            self.log_full_waits_seen.set(waits);
+            self.log_full_began.notify_one();
         }
     }
 
