@@ -57,8 +57,11 @@ mkdir -p "$results"
     --env "E2E_KILL_ROUNDS=${E2E_KILL_ROUNDS:-}" --env "E2E_KILL_SEED=${E2E_KILL_SEED:-}" \
     --env "RUST_LOG=${RUST_LOG:-info}" \
     -- "$here/e2e-guest.sh" "$bin" || rc=$?
-echo "e2e.sh: guest finished with status $rc after $((SECONDS - started)) s; daemons' logs of a failed run in $results"
-[ "$rc" = 0 ] || exit "$rc"
+echo "e2e.sh: guest finished with status $rc after $((SECONDS - started)) s"
+if [ "$rc" != 0 ]; then
+    echo "e2e.sh: the daemons' logs are in $results"
+    exit "$rc"
+fi
 
 # A volume of 512-byte blocks, the other logical block size a device may
 # have: the demonstration (ext4, files written and read back, copies
