@@ -1,0 +1,128 @@
+//! Operations on the ring: one slot per submission, found again by the
+//! completion's `user_data`, and the future that waits for it.
+//!
+//! What an operation's entry points at (a buffer, an iovec array, a socket
+//! address) is owned by the operation ([`Op::resources`]) and stays alive
+//! until the kernel completes it, also when the future waiting for it is
+//! dropped first: the slot then keeps it until the completion arrives.
+
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use io_uring::squeue;
+
+use super::Ring;
+
+/// Where an operation stands.
+pub(super) enum Slot {
+    /// Submitted; the waker of the future waiting for it, once polled.
+    Waiting(Option<Waker>),
+    /// Completed with this result (bytes, or -errno), not yet taken.
+    Done(i32),
+    /// Its future was dropped before the completion: what the entry points
+    /// at is kept here until the kernel is done with it.
+    Abandoned(#[allow(dead_code)] Option<Box<dyn Any>>),
+}
+
+impl Slot {
+    /// Records the completion. Returns false if nobody waits for it any
+    /// more (the slot can go).
+    pub(super) fn complete(&mut self, result: i32) -> bool {
+        match std::mem::replace(self, Slot::Done(result)) {
+            Slot::Waiting(waker) => {
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
+                true
+            }
+            Slot::Abandoned(_) => false,
+            Slot::Done(_) => unreachable!("an operation completed twice"),
+        }
+    }
+}
+
+/// An operation: submitted on first poll, ready with the kernel's result
+/// and the resources back.
+pub struct Op<T: 'static> {
+    entry: Option<squeue::Entry>,
+    key: Option<usize>,
+    resources: Option<T>,
+}
+
+impl<T: 'static> Op<T> {
+    /// An operation for `entry`, which may point only into `resources`
+    /// (into memory they own on the heap, which does not move with them)
+    /// or into memory that stays valid until the completion anyway.
+    ///
+    /// # Safety
+    ///
+    /// `entry` must be valid for the kernel for as long as `resources`
+    /// live: every pointer in it points into heap memory `resources` own,
+    /// or into memory the caller keeps valid until the operation completes
+    /// even if this `Op` is dropped first.
+    pub unsafe fn new(entry: squeue::Entry, resources: T) -> Op<T> {
+        Op {
+            entry: Some(entry),
+            key: None,
+            resources: Some(resources),
+        }
+    }
+}
+
+impl<T: 'static> Unpin for Op<T> {}
+
+impl<T: 'static> Future for Op<T> {
+    /// The kernel's result (bytes done, or -errno) and the resources.
+    type Output = (i32, T);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(i32, T)> {
+        Ring::with(|ring| {
+            if let Some(entry) = self.entry.take() {
+                self.key = Some(ring.push(entry, cx.waker().clone()));
+                return Poll::Pending;
+            }
+            let key = self.key.expect("an operation is submitted once polled");
+            let mut slots = ring.slots.borrow_mut();
+            match &mut slots[key] {
+                Slot::Done(result) => {
+                    let result = *result;
+                    slots.remove(key);
+                    self.key = None;
+                    let resources = self.resources.take().expect("resources until done");
+                    Poll::Ready((result, resources))
+                }
+                Slot::Waiting(waker) => {
+                    if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *waker = Some(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+                Slot::Abandoned(_) => unreachable!("a live operation is never abandoned"),
+            }
+        })
+    }
+}
+
+impl<T: 'static> Drop for Op<T> {
+    fn drop(&mut self) {
+        let Some(key) = self.key else {
+            return;
+        };
+        let resources = self.resources.take();
+        // A thread ending takes its ring along; nothing is left to keep.
+        let _ = Ring::try_with(|ring| {
+            let mut slots = ring.slots.borrow_mut();
+            match &slots[key] {
+                Slot::Done(_) => {
+                    slots.remove(key);
+                }
+                Slot::Waiting(_) => {
+                    slots[key] = Slot::Abandoned(resources.map(|r| Box::new(r) as Box<dyn Any>));
+                }
+                Slot::Abandoned(_) => unreachable!("an operation is abandoned once"),
+            }
+        });
+    }
+}
