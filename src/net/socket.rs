@@ -15,7 +15,10 @@ use crate::buf::{AlignedBuf, PooledBuf};
 
 /// A buffer a socket reads into. Such buffers are always wholly
 /// initialised, so a read has no length to record in them.
-pub trait ReadBuf: compio::buf::IoBufMut + compio::buf::SetLen {}
+pub trait ReadBuf:
+    compio::buf::IoBufMut + compio::buf::SetLen + crate::ring::io::StableBuf
+{
+}
 
 impl ReadBuf for AlignedBuf {}
 impl ReadBuf for PooledBuf {}
@@ -65,5 +68,23 @@ impl Socket for compio::net::TcpStream {
 
     fn shutdown_both(&self) {
         let _ = socket2::SockRef::from(self).shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Socket for crate::ring::io::TcpStream {
+    async fn read_into<B: ReadBuf>(&self, buf: B, range: Range<usize>) -> (io::Result<usize>, B) {
+        crate::ring::io::TcpStream::read_into(self, buf, range).await
+    }
+
+    async fn write_pieces(&self, pieces: Vec<OutBuf>) -> (io::Result<usize>, Vec<OutBuf>) {
+        crate::ring::io::TcpStream::write_pieces(self, pieces).await
+    }
+
+    async fn write_all_bytes(&self, bytes: Vec<u8>) -> io::Result<()> {
+        crate::ring::io::TcpStream::write_all_bytes(self, bytes).await
+    }
+
+    fn shutdown_both(&self) {
+        crate::ring::io::TcpStream::shutdown_both(self);
     }
 }

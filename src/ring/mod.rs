@@ -16,6 +16,7 @@
 //! from another thread, say); such a wake writes an eventfd that a read on
 //! the ring is waiting for, when the thread is asleep in the ring.
 
+pub mod io;
 mod op;
 mod timer;
 

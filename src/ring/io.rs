@@ -1,0 +1,385 @@
+//! Files and TCP sockets on the ring: what the engine thread reads, writes
+//! and sends, each call one or more [`Op`]s.
+//!
+//! Every operation holds a reference to its descriptor (`Rc<OwnedFd>`) as
+//! well as its buffer, so that neither is closed nor freed before the
+//! kernel is done, also when the future is dropped first.
+
+use std::io;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+
+use compio::buf::{IoBuf, IoBufMut};
+use io_uring::{opcode, types};
+
+use super::Op;
+use crate::buf::{AlignedBuf, PooledBuf, RecordRef, SharedBuf};
+use crate::net::OutBuf;
+
+/// A buffer whose bytes live on the heap, so that they stay where they are
+/// when the value moves into an operation.
+///
+/// # Safety
+///
+/// `as_init` (and `as_uninit`, where implemented) must point at the same
+/// memory however the value is moved, for as long as it lives.
+pub unsafe trait StableBuf: IoBuf + 'static {}
+
+// SAFETY: a Vec's bytes are on the heap.
+unsafe impl StableBuf for Vec<u8> {}
+// SAFETY: an aligned heap allocation of its own.
+unsafe impl StableBuf for AlignedBuf {}
+// SAFETY: an Arc of an aligned heap allocation.
+unsafe impl StableBuf for SharedBuf {}
+// SAFETY: an aligned heap allocation, lent by a pool.
+unsafe impl StableBuf for PooledBuf {}
+// SAFETY: an Rc of a pooled heap allocation.
+unsafe impl StableBuf for RecordRef {}
+// SAFETY: a Vec or a SharedBuf, both on the heap.
+unsafe impl StableBuf for OutBuf {}
+
+fn result(code: i32) -> io::Result<usize> {
+    if code < 0 {
+        Err(io::Error::from_raw_os_error(-code))
+    } else {
+        Ok(code as usize)
+    }
+}
+
+/// A file read and written through the ring.
+pub struct File {
+    fd: Rc<OwnedFd>,
+}
+
+impl File {
+    /// `file`, opened already, as a file of the ring.
+    pub fn from_std(file: std::fs::File) -> File {
+        File {
+            fd: Rc::new(OwnedFd::from(file)),
+        }
+    }
+
+    /// Writes all of `buf` at `offset_bytes`.
+    pub async fn write_all_at<B: StableBuf>(
+        &self,
+        mut buf: B,
+        offset_bytes: u64,
+    ) -> (io::Result<()>, B) {
+        let mut done = 0;
+        loop {
+            let bytes = buf.as_init();
+            if done == bytes.len() {
+                return (Ok(()), buf);
+            }
+            let length = u32::try_from(bytes.len() - done).unwrap_or(u32::MAX);
+            let entry = opcode::Write::new(
+                types::Fd(self.fd.as_raw_fd()),
+                bytes[done..].as_ptr(),
+                length,
+            )
+            .offset(offset_bytes + done as u64)
+            .build();
+            // SAFETY: the entry points into `buf`'s heap bytes; the
+            // operation owns `buf` and the descriptor.
+            let (code, (_, returned)) = unsafe { Op::new(entry, (self.fd.clone(), buf)) }.await;
+            buf = returned;
+            match result(code) {
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+                Ok(written) => done += written,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return (Err(error), buf),
+            }
+        }
+    }
+
+    /// Fills all of `buf` from `offset_bytes`.
+    pub async fn read_exact_at<B: StableBuf + IoBufMut>(
+        &self,
+        mut buf: B,
+        offset_bytes: u64,
+    ) -> (io::Result<()>, B) {
+        let mut done = 0;
+        loop {
+            let bytes = buf.as_uninit();
+            if done == bytes.len() {
+                return (Ok(()), buf);
+            }
+            let length = u32::try_from(bytes.len() - done).unwrap_or(u32::MAX);
+            let entry = opcode::Read::new(
+                types::Fd(self.fd.as_raw_fd()),
+                bytes[done..].as_mut_ptr().cast(),
+                length,
+            )
+            .offset(offset_bytes + done as u64)
+            .build();
+            // SAFETY: as in `write_all_at`.
+            let (code, (_, returned)) = unsafe { Op::new(entry, (self.fd.clone(), buf)) }.await;
+            buf = returned;
+            match result(code) {
+                Ok(0) => return (Err(io::ErrorKind::UnexpectedEof.into()), buf),
+                Ok(read) => done += read,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return (Err(error), buf),
+            }
+        }
+    }
+
+    /// fdatasync.
+    pub async fn sync_data(&self) -> io::Result<()> {
+        let entry = opcode::Fsync::new(types::Fd(self.fd.as_raw_fd()))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
+        // SAFETY: the entry points at nothing but the descriptor it owns.
+        let (code, _) = unsafe { Op::new(entry, self.fd.clone()) }.await;
+        result(code).map(|_| ())
+    }
+}
+
+/// A connected TCP socket on the ring.
+pub struct TcpStream {
+    fd: Rc<OwnedFd>,
+}
+
+impl TcpStream {
+    /// Connects to `address`, with TCP_NODELAY set.
+    pub async fn connect(address: SocketAddr) -> io::Result<TcpStream> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(address),
+            socket2::Type::STREAM.cloexec(),
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_tcp_nodelay(true)?;
+        let fd = Rc::new(OwnedFd::from(socket));
+        let address = Box::new(socket2::SockAddr::from(address));
+        let entry = opcode::Connect::new(
+            types::Fd(fd.as_raw_fd()),
+            address.as_ptr().cast(),
+            address.len(),
+        )
+        .build();
+        // SAFETY: the entry points at the boxed address the operation owns.
+        let (code, _) = unsafe { Op::new(entry, (fd.clone(), address)) }.await;
+        result(code)?;
+        Ok(TcpStream { fd })
+    }
+
+    /// An accepted or otherwise connected std socket.
+    pub fn from_std(stream: std::net::TcpStream) -> io::Result<TcpStream> {
+        stream.set_nonblocking(false)?;
+        Ok(TcpStream {
+            fd: Rc::new(OwnedFd::from(stream)),
+        })
+    }
+
+    fn sock(&self) -> socket2::SockRef<'_> {
+        socket2::SockRef::from(&*self.fd)
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.sock()
+            .peer_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("peer is not an IP address"))
+    }
+
+    /// Receives into `buf[range]`; 0 when the peer closed.
+    pub async fn read_into<B: StableBuf + IoBufMut>(
+        &self,
+        mut buf: B,
+        range: Range<usize>,
+    ) -> (io::Result<usize>, B) {
+        let bytes = &mut buf.as_uninit()[range];
+        let length = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        let entry = opcode::Recv::new(
+            types::Fd(self.fd.as_raw_fd()),
+            bytes.as_mut_ptr().cast(),
+            length,
+        )
+        .build();
+        // SAFETY: the entry points into `buf`'s heap bytes; the operation
+        // owns `buf` and the descriptor.
+        let (code, (_, buf)) = unsafe { Op::new(entry, (self.fd.clone(), buf)) }.await;
+        (result(code), buf)
+    }
+
+    /// Sends from `pieces` in order, as much as one `sendmsg` takes.
+    pub async fn write_pieces(&self, pieces: Vec<OutBuf>) -> (io::Result<usize>, Vec<OutBuf>) {
+        let iovecs: Box<[libc::iovec]> = pieces
+            .iter()
+            .map(|piece| {
+                let bytes = piece.as_init();
+                libc::iovec {
+                    iov_base: bytes.as_ptr() as *mut libc::c_void,
+                    iov_len: bytes.len(),
+                }
+            })
+            .collect();
+        // SAFETY: an all-zero msghdr is a valid empty one.
+        let mut header: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        header.msg_iov = iovecs.as_ptr() as *mut libc::iovec;
+        header.msg_iovlen = iovecs.len();
+        let entry = opcode::SendMsg::new(types::Fd(self.fd.as_raw_fd()), &*header)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build();
+        // SAFETY: the entry points at the boxed header, which points at the
+        // boxed iovecs, which point into the pieces' heap bytes: all owned
+        // by the operation, with the descriptor.
+        let (code, (_, _, _, pieces)) =
+            unsafe { Op::new(entry, (self.fd.clone(), header, iovecs, pieces)) }.await;
+        (result(code), pieces)
+    }
+
+    /// Sends all of `bytes`.
+    pub async fn write_all_bytes(&self, mut bytes: Vec<u8>) -> io::Result<()> {
+        let mut done = 0;
+        while done < bytes.len() {
+            let length = u32::try_from(bytes.len() - done).unwrap_or(u32::MAX);
+            let entry = opcode::Send::new(
+                types::Fd(self.fd.as_raw_fd()),
+                bytes[done..].as_ptr(),
+                length,
+            )
+            .flags(libc::MSG_NOSIGNAL)
+            .build();
+            // SAFETY: as in `read_into`.
+            let (code, (_, returned)) = unsafe { Op::new(entry, (self.fd.clone(), bytes)) }.await;
+            bytes = returned;
+            match result(code) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(sent) => done += sent,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+
+    /// Shuts both directions down, which ends the peer's reads and ours.
+    pub fn shutdown_both(&self) {
+        let _ = self.sock().shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// A listening TCP socket on the ring.
+pub struct TcpListener {
+    fd: Rc<OwnedFd>,
+}
+
+impl TcpListener {
+    /// A bound, listening std socket.
+    pub fn from_std(listener: std::net::TcpListener) -> io::Result<TcpListener> {
+        listener.set_nonblocking(false)?;
+        Ok(TcpListener {
+            fd: Rc::new(OwnedFd::from(listener)),
+        })
+    }
+
+    /// The next connection and its peer's address.
+    pub async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        let entry = opcode::Accept::new(
+            types::Fd(self.fd.as_raw_fd()),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+        .flags(libc::SOCK_CLOEXEC)
+        .build();
+        // SAFETY: no address is asked for; the operation owns the descriptor.
+        let (code, _) = unsafe { Op::new(entry, self.fd.clone()) }.await;
+        let fd = result(code)? as i32;
+        // SAFETY: a descriptor the kernel just created for us.
+        let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        stream.set_nodelay(true)?;
+        let peer = stream.peer_addr()?;
+        Ok((TcpStream::from_std(stream)?, peer))
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        socket2::SockRef::from(&*self.fd)
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("listening on a non-IP address"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::AlignedBuf;
+    use crate::ring::{spawn, Ring};
+
+    #[test]
+    fn bytes_sent_in_pieces_arrive_in_order_and_whole() {
+        let ring = Ring::new().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
+        let sent: Vec<u8> = (0..300_000_u32).map(|i| (i % 253) as u8).collect();
+        let expected = sent.clone();
+        let received = ring.block_on(async move {
+            let accepting = spawn(async move { listener.accept().await.unwrap().0 });
+            let client = TcpStream::connect(address).await.unwrap();
+            let server = accepting.await;
+            let sending = spawn(async move {
+                // Two small pieces go out in one sendmsg on an idle socket.
+                let pieces = vec![
+                    OutBuf::Owned(sent[..1000].to_vec(), 0),
+                    OutBuf::Owned(sent[1000..2000].to_vec(), 0),
+                ];
+                let (result, _) = client.write_pieces(pieces).await;
+                assert_eq!(result.unwrap(), 2000);
+                client.write_all_bytes(sent[2000..].to_vec()).await.unwrap();
+                client.write_all_bytes(b"end".to_vec()).await.unwrap();
+                client.shutdown_both();
+            });
+            let mut received = Vec::new();
+            let mut buf = AlignedBuf::zeroed(65536);
+            loop {
+                let (result, returned) = server.read_into(buf, 0..65536).await;
+                buf = returned;
+                let read = result.unwrap();
+                if read == 0 {
+                    break;
+                }
+                received.extend_from_slice(&buf.as_slice()[..read]);
+            }
+            sending.await;
+            received
+        });
+        assert_eq!(received.len(), expected.len() + 3);
+        assert_eq!(&received[..expected.len()], &expected[..]);
+        assert_eq!(&received[expected.len()..], b"end");
+    }
+
+    #[test]
+    fn a_file_reads_back_what_was_written_and_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("copy");
+        let std_file = std::fs::OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let ring = Ring::new().unwrap();
+        let (written, read) = ring.block_on(async move {
+            let file = File::from_std(std_file);
+            let data: Vec<u8> = (0..100_000_u32).map(|i| (i % 241) as u8).collect();
+            let (result, data) = file.write_all_at(data, 8192).await;
+            result.unwrap();
+            file.sync_data().await.unwrap();
+            let (result, back) = file.read_exact_at(AlignedBuf::zeroed(100_000), 8192).await;
+            result.unwrap();
+            (data, back.as_slice().to_vec())
+        });
+        assert_eq!(written, read);
+        let (result, _) = ring.block_on(async {
+            let file = File::from_std(std::fs::File::open(&path).unwrap());
+            file.read_exact_at(AlignedBuf::zeroed(4096), 200_000).await
+        });
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
