@@ -17,6 +17,6 @@ pub mod core;
 pub mod net;
 pub mod node;
 pub mod proto;
-pub mod ring;
+pub use replblk_ring as ring;
 pub mod store;
 pub mod wal;

@@ -247,6 +247,13 @@ impl compio::buf::IoBuf for RecordRef {
     }
 }
 
+// SAFETY: an aligned heap allocation of its own.
+unsafe impl crate::ring::io::StableBuf for AlignedBuf {}
+// SAFETY: an Arc of an aligned heap allocation.
+unsafe impl crate::ring::io::StableBuf for SharedBuf {}
+// SAFETY: an Rc of a pooled heap allocation.
+unsafe impl crate::ring::io::StableBuf for RecordRef {}
+
 /// Rounds `value` up to the next multiple of `align`, a power of two.
 pub const fn round_up(value: u64, align: u64) -> u64 {
     debug_assert!(align.is_power_of_two());

@@ -109,6 +109,9 @@ impl compio::buf::SetLen for PooledBuf {
     unsafe fn set_len(&mut self, _len: usize) {}
 }
 
+// SAFETY: an aligned heap allocation, lent by a pool.
+unsafe impl crate::ring::io::StableBuf for PooledBuf {}
+
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take() {

@@ -44,6 +44,9 @@ impl compio::buf::IoBuf for OutBuf {
     }
 }
 
+// SAFETY: a Vec or a SharedBuf, both on the heap.
+unsafe impl crate::ring::io::StableBuf for OutBuf {}
+
 /// A queue of outgoing bytes and the task that writes them. Frames are
 /// written in the order queued; a write error closes the outbox.
 pub struct Outbox {

@@ -11,12 +11,10 @@ use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 
-use compio::buf::{IoBuf, IoBufMut};
+use compio_buf::{IoBuf, IoBufMut};
 use io_uring::{opcode, types};
 
 use super::Op;
-use crate::buf::{AlignedBuf, PooledBuf, RecordRef, SharedBuf};
-use crate::net::OutBuf;
 
 /// A buffer whose bytes live on the heap, so that they stay where they are
 /// when the value moves into an operation.
@@ -29,16 +27,6 @@ pub unsafe trait StableBuf: IoBuf + 'static {}
 
 // SAFETY: a Vec's bytes are on the heap.
 unsafe impl StableBuf for Vec<u8> {}
-// SAFETY: an aligned heap allocation of its own.
-unsafe impl StableBuf for AlignedBuf {}
-// SAFETY: an Arc of an aligned heap allocation.
-unsafe impl StableBuf for SharedBuf {}
-// SAFETY: an aligned heap allocation, lent by a pool.
-unsafe impl StableBuf for PooledBuf {}
-// SAFETY: an Rc of a pooled heap allocation.
-unsafe impl StableBuf for RecordRef {}
-// SAFETY: a Vec or a SharedBuf, both on the heap.
-unsafe impl StableBuf for OutBuf {}
 
 fn result(code: i32) -> io::Result<usize> {
     if code < 0 {
@@ -147,7 +135,7 @@ impl TcpStream {
     pub async fn connect(address: SocketAddr) -> io::Result<TcpStream> {
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(address),
-            socket2::Type::STREAM.cloexec(),
+            socket2::Type::STREAM,
             Some(socket2::Protocol::TCP),
         )?;
         socket.set_tcp_nodelay(true)?;
@@ -206,7 +194,7 @@ impl TcpStream {
     }
 
     /// Sends from `pieces` in order, as much as one `sendmsg` takes.
-    pub async fn write_pieces(&self, pieces: Vec<OutBuf>) -> (io::Result<usize>, Vec<OutBuf>) {
+    pub async fn write_pieces<B: StableBuf>(&self, pieces: Vec<B>) -> (io::Result<usize>, Vec<B>) {
         let iovecs: Box<[libc::iovec]> = pieces
             .iter()
             .map(|piece| {
@@ -308,8 +296,8 @@ impl TcpListener {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buf::AlignedBuf;
-    use crate::ring::{spawn, Ring};
+
+    use crate::{spawn, Ring};
 
     #[test]
     fn bytes_sent_in_pieces_arrive_in_order_and_whole() {
@@ -325,10 +313,7 @@ mod tests {
             let server = accepting.await;
             let sending = spawn(async move {
                 // Two small pieces go out in one sendmsg on an idle socket.
-                let pieces = vec![
-                    OutBuf::Owned(sent[..1000].to_vec(), 0),
-                    OutBuf::Owned(sent[1000..2000].to_vec(), 0),
-                ];
+                let pieces = vec![sent[..1000].to_vec(), sent[1000..2000].to_vec()];
                 let (result, _) = client.write_pieces(pieces).await;
                 assert_eq!(result.unwrap(), 2000);
                 client.write_all_bytes(sent[2000..].to_vec()).await.unwrap();
@@ -336,7 +321,7 @@ mod tests {
                 client.shutdown_both();
             });
             let mut received = Vec::new();
-            let mut buf = AlignedBuf::zeroed(65536);
+            let mut buf = vec![0_u8; 65536];
             loop {
                 let (result, returned) = server.read_into(buf, 0..65536).await;
                 buf = returned;
@@ -344,7 +329,7 @@ mod tests {
                 if read == 0 {
                     break;
                 }
-                received.extend_from_slice(&buf.as_slice()[..read]);
+                received.extend_from_slice(&buf[..read]);
             }
             sending.await;
             received
@@ -371,14 +356,14 @@ mod tests {
             let (result, data) = file.write_all_at(data, 8192).await;
             result.unwrap();
             file.sync_data().await.unwrap();
-            let (result, back) = file.read_exact_at(AlignedBuf::zeroed(100_000), 8192).await;
+            let (result, back) = file.read_exact_at(vec![0_u8; 100_000], 8192).await;
             result.unwrap();
-            (data, back.as_slice().to_vec())
+            (data, back)
         });
         assert_eq!(written, read);
         let (result, _) = ring.block_on(async {
             let file = File::from_std(std::fs::File::open(&path).unwrap());
-            file.read_exact_at(AlignedBuf::zeroed(4096), 200_000).await
+            file.read_exact_at(vec![0_u8; 4096], 200_000).await
         });
         assert_eq!(result.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
