@@ -20,9 +20,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use compio::io::{AsyncReadAtExt, AsyncWriteAtExt};
-use compio::net::TcpStream;
-use compio::BufResult;
+use crate::ring::io::{File, TcpStream};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::error::NodeError;
@@ -33,7 +31,7 @@ use crate::core::catch_up::{plan_catch_up, CatchUpPlan};
 use crate::core::primary::{
     Action, Geometry, MemberAck, MemberLog, MemberStats, Primary, PrimaryLimits, RequestId,
 };
-use crate::net::{self, FrameReader, Outbox, Socket};
+use crate::net::{self, FrameReader, Outbox};
 use crate::proto::{
     encode_update_header, Ack, ErrorCode, ErrorFrame, Frame, Hello, LogState, Role, UpdateHeader,
     VolumeMember, VolumeState, PROTOCOL_VERSION, UPDATE_DATA_MAX_BYTES, UPDATE_FLAG_FUA,
@@ -64,7 +62,7 @@ pub(crate) struct Engine {
     node_id: u32,
     epoch: u64,
     core: RefCell<Primary<Payload>>,
-    data: Rc<compio::fs::File>,
+    data: Rc<File>,
     members: Vec<Member>,
     replies: RefCell<HashMap<RequestId, oneshot::Sender<Result<(), VolumeError>>>>,
     next_request_id: Cell<RequestId>,
@@ -125,15 +123,15 @@ pub(crate) fn run(
         .into_iter()
         .cloned()
         .collect();
-    let runtime = super::runtime::build().map_err(|error| NodeError::Fatal {
-        reason: format!("setting up the engine's io_uring runtime: {error}"),
+    let ring = crate::ring::Ring::new().map_err(|error| NodeError::Fatal {
+        reason: format!("setting up the engine's io_uring: {error}"),
     })?;
-    let direct = super::runtime::ring_file(direct);
-    super::runtime::block_on(&runtime, async move {
+    let direct = File::from_std(direct);
+    ring.block_on(async move {
         let mut connections = connect_all(&config, &node, &secondaries, volume_uuid, epoch).await;
         let plan = plan_start(&secondaries, &connections, epoch)?;
         let startup_timeout = Duration::from_millis(config.replication.startup_timeout_ms);
-        let records = compio::time::timeout(
+        let records = crate::ring::timeout(
             startup_timeout,
             read_back(&secondaries, &mut connections, &plan, epoch),
         )
@@ -196,12 +194,12 @@ pub(crate) fn run(
             log_full_began: Notify::new(),
         });
         let timer = engine.clone();
-        compio::runtime::spawn(async move { timer.run_timer().await }).detach();
+        crate::ring::spawn(async move { timer.run_timer().await }).detach();
         let reporter = engine.clone();
-        compio::runtime::spawn(async move { reporter.report_log_full_waits().await }).detach();
+        crate::ring::spawn(async move { reporter.report_log_full_waits().await }).detach();
         if let Some(listener) = super::tool_server::listen(node.address).await {
             let timeout = engine.handshake_timeout;
-            compio::runtime::spawn(super::tool_server::serve(listener, engine.clone(), timeout))
+            crate::ring::spawn(super::tool_server::serve(listener, engine.clone(), timeout))
                 .detach();
         }
         let caught_up = engine.submit_catch_up(records)?;
@@ -219,7 +217,7 @@ pub(crate) fn run(
                 }
             }
             let engine = engine.clone();
-            compio::runtime::spawn(async move { engine.member_loop(member, connection).await })
+            crate::ring::spawn(async move { engine.member_loop(member, connection).await })
                 .detach();
         }
         engine.finish_catch_up(&plan, caught_up).await?;
@@ -252,7 +250,7 @@ async fn connect_all(
         .map(|secondary| {
             let (address, expected) = (secondary.address, secondary.id);
             let node_id = node.id;
-            compio::runtime::spawn(async move {
+            crate::ring::spawn(async move {
                 loop {
                     match handshake(address, expected, volume_uuid, node_id, epoch).await {
                         Ok(connection) => return Some(connection),
@@ -262,7 +260,7 @@ async fn connect_all(
                         }
                         Err(reason) => {
                             tracing::debug!(secondary = expected, %address, %reason, "retrying");
-                            compio::time::sleep(retry).await;
+                            crate::ring::sleep(retry).await;
                         }
                     }
                 }
@@ -271,7 +269,7 @@ async fn connect_all(
         .collect::<Vec<_>>();
     let mut connections = Vec::new();
     for task in tasks {
-        connections.push(task.await.unwrap_or(None));
+        connections.push(task.await);
     }
     connections
 }
@@ -728,9 +726,9 @@ impl Engine {
                 reply,
             } => {
                 let data = self.data.clone();
-                compio::runtime::spawn(async move {
+                crate::ring::spawn(async move {
                     let buf = AlignedBuf::zeroed(length_bytes as usize);
-                    let BufResult(result, buf) = data.read_exact_at(buf, offset_bytes).await;
+                    let (result, buf) = data.read_exact_at(buf, offset_bytes).await;
                     let _ = reply.send(result.map(|()| buf).map_err(|error| VolumeError::Read {
                         offset_bytes,
                         reason: error.to_string(),
@@ -742,7 +740,7 @@ impl Engine {
                 let local = super::volume::LocalVolume {
                     engine: self.clone(),
                 };
-                compio::runtime::spawn(job(local)).detach();
+                crate::ring::spawn(job(local)).detach();
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -761,7 +759,7 @@ impl Engine {
         let mut reported = vec![MemberStats::default(); self.members.len()];
         while !self.stopping.get() {
             self.log_full_began.notified().await;
-            compio::time::sleep(interval).await;
+            crate::ring::sleep(interval).await;
             for (index, member) in self.members.iter().enumerate() {
                 let stats = self.core.borrow().member_stats(index);
                 let waits = stats.log_full_waits - reported[index].log_full_waits;
@@ -790,7 +788,7 @@ impl Engine {
                 Some(due_ms) => {
                     let due = self.clock + Duration::from_millis(due_ms);
                     tokio::select! {
-                        () = compio::time::sleep_until(due) => {}
+                        () = crate::ring::sleep_until(due) => {}
                         () = self.timer_rearm.notified() => {}
                     }
                 }
@@ -819,10 +817,8 @@ impl Engine {
                     payload,
                 } => {
                     let engine = self.clone();
-                    compio::runtime::spawn(async move {
-                        let mut data = &*engine.data;
-                        let BufResult(result, _) =
-                            data.write_all_at(payload.buf, offset_bytes).await;
+                    crate::ring::spawn(async move {
+                        let (result, _) = engine.data.write_all_at(payload.buf, offset_bytes).await;
                         let result = result.map_err(|error| error.to_string());
                         if let Err(reason) = &result {
                             tracing::error!(seq, %reason, "write to the primary's copy failed");
@@ -837,7 +833,7 @@ impl Engine {
                 }
                 Action::LocalSync { through_seq } => {
                     let engine = self.clone();
-                    compio::runtime::spawn(async move {
+                    crate::ring::spawn(async move {
                         let result = engine
                             .data
                             .sync_data()
@@ -966,7 +962,7 @@ impl Engine {
                 // A peer that accepts but never answers (stopped, wedged)
                 // must not hold the loop: it is retried like one that
                 // refuses.
-                None => compio::time::timeout(
+                None => crate::ring::timeout(
                     self.handshake_timeout,
                     handshake(address, node_id, self.volume_uuid, self.node_id, self.epoch),
                 )
@@ -990,7 +986,7 @@ impl Engine {
             if self.core.borrow().is_dropped(member) {
                 return;
             }
-            compio::time::sleep(self.reconnect_interval).await;
+            crate::ring::sleep(self.reconnect_interval).await;
         }
     }
 
@@ -1007,7 +1003,7 @@ impl Engine {
         } = connection;
         *self.members[member].stream.borrow_mut() = Some(stream.clone());
         let (outbox, writer) = Outbox::new(stream, reader.peer().to_owned());
-        compio::runtime::spawn(writer).detach();
+        crate::ring::spawn(writer).detach();
         *self.members[member].outbox.borrow_mut() = Some(outbox.clone());
         let connected =
             self.core
@@ -1109,7 +1105,7 @@ impl Engine {
     async fn stop(self: &Rc<Self>) -> Result<(), NodeError> {
         let deadline = Instant::now() + Duration::from_millis(STOP_DRAIN_TIMEOUT_MS);
         while !self.core.borrow().is_quiescent() && Instant::now() < deadline {
-            compio::time::sleep(Duration::from_millis(2)).await;
+            crate::ring::sleep(Duration::from_millis(2)).await;
         }
         let quiescent = self.core.borrow().is_quiescent();
         self.stopping.set(true);

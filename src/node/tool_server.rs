@@ -10,10 +10,10 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use compio::net::{TcpListener, TcpStream};
+use crate::ring::io::{TcpListener, TcpStream};
 
 use crate::buf::AlignedBuf;
-use crate::net::{FrameReader, Socket};
+use crate::net::FrameReader;
 use crate::proto::{ErrorCode, ErrorFrame, Frame, Hello, Role, VolumeState};
 
 /// Bytes read at a time while waiting for a tool to close.
@@ -33,7 +33,8 @@ pub(crate) trait VolumeReport {
 /// still serves its volume; only the status of it is missing, and that is
 /// logged.
 pub(crate) async fn listen(address: SocketAddr) -> Option<TcpListener> {
-    match crate::net::listen(address).await {
+    let bound = crate::net::bind_listener(address, crate::ring::sleep).await;
+    match bound.and_then(TcpListener::from_std) {
         Ok(listener) => Some(listener),
         Err(error) => {
             tracing::warn!(%address, %error, "cannot listen for tools; replblk-ctl status will not reach this primary");
@@ -54,14 +55,14 @@ pub(crate) async fn serve(
             Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!(%error, "accepting a tool's connection failed");
-                compio::time::sleep(timeout.min(Duration::from_millis(100))).await;
+                crate::ring::sleep(timeout.min(Duration::from_millis(100))).await;
                 continue;
             }
         };
         let report = report.clone();
-        compio::runtime::spawn(async move {
+        crate::ring::spawn(async move {
             let exchange = answer(Rc::new(stream), peer, &*report);
-            match compio::time::timeout(timeout, exchange).await {
+            match crate::ring::timeout(timeout, exchange).await {
                 Ok(Ok(())) => {}
                 Ok(Err(reason)) => tracing::warn!(%peer, %reason, "tool connection refused"),
                 Err(_) => {

@@ -1,21 +1,19 @@
 //! A hosted queue's operations on its host's own io_uring.
 //!
-//! A hosted queue ([`crate::HostedQueue`]) runs on a thread whose runtime is
-//! compio. Its ublk commands and its target's reads go into that
-//! runtime's ring, the same ring as the host's file writes and sockets, so
-//! the thread has one ring to submit to and one to wait on: a request, its
-//! write to the copy and its commit are all completions of that ring, and
-//! no second ring must be polled, entered and reaped beside it.
+//! A hosted queue ([`crate::HostedQueue`]) runs on a thread whose loop is
+//! `replblk_ring`'s. Its ublk commands and its target's reads go into that
+//! ring, the same ring as the host's file writes and sockets, so the thread
+//! has one ring to submit to and one to wait on: a request, its write to
+//! the copy and its commit are all completions of that ring, and no second
+//! ring must be polled, entered and reaped beside it.
 //!
 //! The kernel takes a queue's commands only from the task that fetched its
-//! first request, i.e. the thread that enters the ring; compio's ring is
-//! entered by its runtime's thread alone, the host's thread.
+//! first request, i.e. the thread that enters the ring; the ring is
+//! entered by its own thread alone, the host's thread.
 
 use std::cell::Cell;
 use std::os::fd::RawFd;
 
-use compio::buf::BufResult;
-use compio::driver::{OpCode, OpEntry};
 use io_uring::{opcode, squeue, types};
 
 thread_local! {
@@ -45,32 +43,17 @@ pub(crate) fn serving_hosted_queue() -> bool {
     SERVING_HOSTED_QUEUE.with(Cell::get)
 }
 
-/// One prepared submission entry, as a compio operation.
-struct RawEntry(Option<squeue::Entry>);
-
-// SAFETY: what the entry points at (a tag's buffer, the queue's request
-// descriptors) is kept valid by the caller until the result arrives, also
-// when the future awaiting it is dropped first (see `submit`); the entry
-// itself owns nothing.
-unsafe impl OpCode for RawEntry {
-    type Control = ();
-
-    fn create_entry(&mut self, (): &mut ()) -> OpEntry {
-        OpEntry::Submission(self.0.take().expect("an entry is submitted once"))
-    }
-}
-
-/// Submits `entry` to the calling thread's compio ring and waits for its
-/// result: bytes done, or -errno as the kernel gave it. What the entry
-/// points at must stay valid until the result arrives, also if this future
-/// is dropped before that (compio then cancels the operation and keeps it
-/// until its completion).
+/// Submits `entry` to the calling thread's ring and waits for its result:
+/// bytes done, or -errno as the kernel gave it. What the entry points at
+/// (a tag's buffer, the queue's request descriptors) must stay valid until
+/// the result arrives, also if this future is dropped before that (the ring
+/// then keeps the operation until its completion): a hosted queue's tags
+/// and buffers live as long as the device.
 async fn submit(entry: squeue::Entry) -> i32 {
-    let BufResult(result, _) = compio::runtime::submit(RawEntry(Some(entry))).await;
-    match result {
-        Ok(done) => i32::try_from(done).expect("a result of the kernel fits in i32"),
-        Err(error) => -error.raw_os_error().unwrap_or(libc::EIO),
-    }
+    // SAFETY: the entry owns nothing; what it points at is kept valid by
+    // the caller until the completion, as said above.
+    let (result, ()) = unsafe { replblk_ring::Op::new(entry, ()) }.await;
+    result
 }
 
 /// The 16 bytes of a `ublksrv_io_cmd`, laid out as the kernel reads them.

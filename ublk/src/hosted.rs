@@ -1,5 +1,5 @@
 //! A queue served on a thread the target already runs, on that thread's
-//! own compio runtime and ring.
+//! own `replblk_ring` loop and ring.
 //!
 //! A queue served on a thread of its own hands every request to the
 //! target's thread (replblk's engine) and gets the completion back: two
@@ -75,7 +75,7 @@ impl HostedQueue {
     }
 
     /// Serves the queue until the device stops. Must be awaited to its end
-    /// on one thread, inside a compio runtime; the thread becomes the
+    /// on one thread, inside `replblk_ring::Ring::block_on`; the thread becomes the
     /// queue's server for the kernel and drops `CAP_SYS_ADMIN` for good
     /// (see `queue::suppress_partition_scan`).
     ///

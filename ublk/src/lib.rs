@@ -11,7 +11,7 @@
 //! wake-up reaches the queue thread through an eventfd polled in the queue's
 //! own ring (see [`wake`]), the one bridge that respects the rule that only
 //! the queue thread touches its ring. Queue 0 may instead be hosted on the
-//! target's own thread and compio runtime ([`HostedQueue`]), its
+//! target's own thread and `replblk_ring` loop ([`HostedQueue`]), its
 //! commands in the target's own ring, so that its requests cross no thread
 //! at all.
 

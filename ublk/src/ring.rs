@@ -1,6 +1,6 @@
 //! File I/O on the ring that serves the calling queue, for targets that
 //! serve a request from a local file without leaving the queue's thread:
-//! libublk's ring on a queue thread, the host's compio ring for a hosted
+//! libublk's ring on a queue thread, the host's ring (`replblk_ring`) for a hosted
 //! queue. replblk reads from the primary's copy this way.
 
 use std::os::fd::RawFd;

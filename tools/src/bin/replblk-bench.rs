@@ -47,7 +47,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
-use compio::io::AsyncWriteAt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 
@@ -238,21 +237,14 @@ trait Target {
     async fn write(&self, offset_bytes: u64, data: SharedBuf) -> anyhow::Result<()>;
 }
 
-/// The baseline: a local O_DIRECT file through the daemons' runtime
-/// (`replblk::node::runtime`), so that baseline and volume wait alike.
-struct LocalFile(compio::fs::File);
+/// The baseline: a local O_DIRECT file through the engine's loop
+/// (`replblk::ring`), so that baseline and volume wait alike.
+struct LocalFile(replblk::ring::io::File);
 
 impl Target for LocalFile {
     async fn write(&self, offset_bytes: u64, data: SharedBuf) -> anyhow::Result<()> {
-        let length = data.len();
-        let mut file = &self.0;
-        let compio::BufResult(result, _) = file.write_at(data, offset_bytes).await;
-        let written =
-            result.with_context(|| format!("writing the local file at {offset_bytes}"))?;
-        if written != length {
-            bail!("short write to the local file at {offset_bytes}: {written} of {length} bytes");
-        }
-        Ok(())
+        let (result, _) = self.0.write_all_at(data, offset_bytes).await;
+        result.with_context(|| format!("writing the local file at {offset_bytes}"))
     }
 }
 
@@ -464,17 +456,9 @@ fn bench_local(
     if fill {
         prefill(&path)?;
     }
-    drop(file);
-    let runtime = replblk::node::runtime::build().context("setting up the io_uring runtime")?;
-    let measured = replblk::node::runtime::block_on(&runtime, async {
-        let file = compio::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .await
-            .with_context(|| format!("opening {} with O_DIRECT", path.display()))?;
-        let file = Rc::new(LocalFile(file));
+    let ring = replblk::ring::Ring::new().context("setting up the io_uring")?;
+    let measured = ring.block_on(async {
+        let file = Rc::new(LocalFile(replblk::ring::io::File::from_std(file)));
         let mut measured = Vec::new();
         for workload in &WORKLOADS {
             let result = run_workload(
@@ -482,7 +466,7 @@ fn bench_local(
                 workload,
                 seconds,
                 interrupted,
-                compio::time::sleep,
+                replblk::ring::sleep,
             )
             .await?;
             progress("local", workload, &result);
@@ -572,13 +556,13 @@ fn bench_volume(
                     .host(Box::new(move |local| {
                         Box::pin(async move {
                             let target = Rc::new(ReplicatedVolume(local));
-                            // The engine's runtime is compio's.
+                            // The engine's loop is `replblk::ring`.
                             let result = run_workload(
                                 target,
                                 workload,
                                 seconds,
                                 interrupted,
-                                compio::time::sleep,
+                                replblk::ring::sleep,
                             );
                             let _ = sender.send(result.await);
                         })
