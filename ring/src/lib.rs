@@ -63,6 +63,9 @@ thread_local! {
 
 /// One thread's ring, its operations, timers and tasks.
 pub struct Ring {
+    /// Tells this ring from others the thread had before: a slot or timer
+    /// key means something only in the ring that issued it.
+    id: u64,
     uring: RefCell<IoUring>,
     slots: RefCell<Slab<Slot>>,
     timers: RefCell<Timers>,
@@ -148,7 +151,9 @@ impl Ring {
         if eventfd < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let ring = Rc::new(Ring {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             uring: RefCell::new(uring),
             slots: RefCell::new(Slab::with_capacity(RING_ENTRIES as usize)),
             timers: RefCell::new(Timers::default()),
@@ -174,6 +179,17 @@ impl Ring {
 
     fn try_with<R>(f: impl FnOnce(&Ring) -> R) -> Option<R> {
         CURRENT.with(|current| current.borrow().as_deref().map(f))
+    }
+
+    /// As [`Ring::try_with`], but only if the current ring is ring `id`.
+    fn try_with_id<R>(id: u64, f: impl FnOnce(&Ring) -> R) -> Option<R> {
+        CURRENT.with(|current| {
+            current
+                .borrow()
+                .as_deref()
+                .filter(|ring| ring.id == id)
+                .map(f)
+        })
     }
 
     /// Runs `future` to its end on this ring, with the tasks it spawns,
@@ -540,6 +556,35 @@ mod tests {
         sending.join().unwrap();
         assert_eq!(received, Ok(Some(7)));
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn an_operation_outliving_its_ring_leaves_another_ring_alone() {
+        let (reader, writer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = reader.as_raw_fd();
+        let first = Ring::new().unwrap();
+        let kept = RefCell::new(None);
+        first.block_on(async {
+            let mut buffer = vec![0_u8; 64];
+            let entry = opcode::Recv::new(types::Fd(fd), buffer.as_mut_ptr(), 64).build();
+            // SAFETY: the entry points into `buffer`, which the operation owns.
+            let mut receive = unsafe { Op::new(entry, buffer) };
+            // Submitted, then kept past the end of `block_on`.
+            let waker = Waker::noop();
+            assert!(std::pin::Pin::new(&mut receive)
+                .poll(&mut Context::from_waker(waker))
+                .is_pending());
+            *kept.borrow_mut() = Some(receive);
+        });
+        let second = Ring::new().unwrap();
+        second.block_on(async {
+            let (result, ()) = nop().await;
+            assert_eq!(result, 0);
+            // Slot keys of the first ring mean nothing here.
+            drop(kept.borrow_mut().take());
+            assert!(Ring::with(|ring| ring.slots.borrow().is_empty()));
+        });
+        drop(writer);
     }
 
     #[test]

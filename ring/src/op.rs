@@ -47,7 +47,8 @@ impl Slot {
 /// and the resources back.
 pub struct Op<T: 'static> {
     entry: Option<squeue::Entry>,
-    key: Option<usize>,
+    /// The ring it was submitted to and its slot there.
+    key: Option<(u64, usize)>,
     resources: Option<T>,
 }
 
@@ -80,10 +81,14 @@ impl<T: 'static> Future for Op<T> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(i32, T)> {
         Ring::with(|ring| {
             if let Some(entry) = self.entry.take() {
-                self.key = Some(ring.push(entry, cx.waker().clone()));
+                self.key = Some((ring.id, ring.push(entry, cx.waker().clone())));
                 return Poll::Pending;
             }
-            let key = self.key.expect("an operation is submitted once polled");
+            let (ring_id, key) = self.key.expect("an operation is submitted once polled");
+            assert_eq!(
+                ring_id, ring.id,
+                "an operation polled on another ring than its own"
+            );
             let mut slots = ring.slots.borrow_mut();
             match &mut slots[key] {
                 Slot::Done(result) => {
@@ -107,12 +112,13 @@ impl<T: 'static> Future for Op<T> {
 
 impl<T: 'static> Drop for Op<T> {
     fn drop(&mut self) {
-        let Some(key) = self.key else {
+        let Some((ring_id, key)) = self.key else {
             return;
         };
         let resources = self.resources.take();
-        // A thread ending takes its ring along; nothing is left to keep.
-        let _ = Ring::try_with(|ring| {
+        let mut resources = Some(resources);
+        Ring::try_with_id(ring_id, |ring| {
+            let resources = resources.take().expect("taken once");
             let mut slots = ring.slots.borrow_mut();
             match &slots[key] {
                 Slot::Done(_) => {
@@ -124,5 +130,9 @@ impl<T: 'static> Drop for Op<T> {
                 Slot::Abandoned(_) => unreachable!("an operation is abandoned once"),
             }
         });
+        // Its ring is not running (its `block_on` ended, or the thread is
+        // ending): the kernel may in the worst case still use the memory
+        // (a drain that timed out), so it is leaked, never freed.
+        std::mem::forget(resources);
     }
 }

@@ -45,7 +45,8 @@ impl Timers {
 /// Waits until `deadline`.
 pub struct Sleep {
     deadline: Instant,
-    key: Option<(Instant, u64)>,
+    /// The ring it waits on and its key there.
+    key: Option<(u64, (Instant, u64))>,
 }
 
 /// Waits until `deadline` on the ring's thread.
@@ -72,22 +73,24 @@ impl Future for Sleep {
                     if Instant::now() >= self.deadline {
                         return Poll::Ready(());
                     }
-                    self.key = Some(timers.insert(self.deadline, cx.waker().clone()));
+                    self.key = Some((ring.id, timers.insert(self.deadline, cx.waker().clone())));
                     Poll::Pending
                 }
-                Some(key) => match timers.pending.get_mut(&key) {
-                    // Fired: the map no longer holds it.
-                    None => {
-                        self.key = None;
-                        Poll::Ready(())
-                    }
-                    Some(waker) => {
-                        if !waker.will_wake(cx.waker()) {
-                            *waker = cx.waker().clone();
+                Some((ring_id, key)) => {
+                    match timers.pending.get_mut(&key).filter(|_| ring_id == ring.id) {
+                        // Fired: the map no longer holds it.
+                        None => {
+                            self.key = None;
+                            Poll::Ready(())
                         }
-                        Poll::Pending
+                        Some(waker) => {
+                            if !waker.will_wake(cx.waker()) {
+                                *waker = cx.waker().clone();
+                            }
+                            Poll::Pending
+                        }
                     }
-                },
+                }
             }
         })
     }
@@ -95,8 +98,10 @@ impl Future for Sleep {
 
 impl Drop for Sleep {
     fn drop(&mut self) {
-        if let Some(key) = self.key {
-            let _ = Ring::try_with(|ring| ring.timers.borrow_mut().pending.remove(&key));
+        if let Some((ring_id, key)) = self.key {
+            let _ = Ring::try_with_id(ring_id, |ring| {
+                ring.timers.borrow_mut().pending.remove(&key)
+            });
         }
     }
 }
