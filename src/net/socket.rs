@@ -1,7 +1,8 @@
 //! What the framing ([`super::FrameReader`], [`super::Outbox`]) needs of a
-//! connected TCP socket, and its implementation for compio's, the daemons'
-//! runtime (`node::runtime`). The framing knows no more of the runtime than
-//! this trait says.
+//! connected TCP socket, and its implementations for the primary engine's
+//! loop (`replblk-ring`) and for compio, the secondary's runtime
+//! (`node::runtime`). The framing knows no more of the runtime than this
+//! trait says.
 
 use std::future::Future;
 use std::io;

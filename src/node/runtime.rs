@@ -1,8 +1,9 @@
-//! The daemons' runtime (and the benchmark's, for its baseline): compio on
-//! one thread with one io_uring, waited on
-//! in `io_uring_enter` itself (tokio-uring's runtime waits in tokio's
+//! The secondary's runtime: compio on one thread with one io_uring, waited
+//! on in `io_uring_enter` itself (tokio-uring's runtime waits in tokio's
 //! `epoll_wait` beside its ring instead, which costs a wake-up more, and an
-//! `EINTR`, whenever the kernel completes something as task work).
+//! `EINTR`, whenever the kernel completes something as task work). The
+//! primary's engine runs on `replblk-ring` instead (ARCHITECTURE.md says
+//! why).
 
 use std::future::Future;
 use std::os::fd::{FromRawFd, IntoRawFd};
