@@ -314,12 +314,7 @@ impl Ring {
                         rearm_wake = true;
                     }
                     CANCEL_USER_DATA => {}
-                    key => {
-                        let key = key as usize;
-                        if !slots[key].complete(entry.result()) {
-                            slots.remove(key);
-                        }
-                    }
+                    key => complete(&mut slots, key, entry.result()),
                 }
             }
         }
@@ -428,14 +423,20 @@ impl Ring {
                 match entry.user_data() {
                     WAKE_USER_DATA => self.wake_armed.set(false),
                     CANCEL_USER_DATA => {}
-                    key => {
-                        let key = key as usize;
-                        if !slots[key].complete(entry.result()) {
-                            slots.remove(key);
-                        }
-                    }
+                    key => complete(&mut slots, key, entry.result()),
                 }
             }
+        }
+    }
+}
+
+/// Hands a completion to operation `key`'s slot. A key without a slot
+/// belonged to an operation a drain gave up on (and leaked): ignored.
+fn complete(slots: &mut Slab<Slot>, key: u64, result: i32) {
+    let key = key as usize;
+    if let Some(slot) = slots.get_mut(key) {
+        if !slot.complete(result) {
+            slots.remove(key);
         }
     }
 }
