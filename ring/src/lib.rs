@@ -70,16 +70,21 @@ pub struct Ring {
     slots: RefCell<Slab<Slot>>,
     timers: RefCell<Timers>,
     ready: Arc<Ready>,
+    /// Tasks woken on the ring's own thread, to run.
+    local: RefCell<VecDeque<async_task::Runnable>>,
     /// Where the eventfd's counter is read to (the kernel writes it).
     wake_buffer: RefCell<Box<u64>>,
     /// The eventfd's read is in the ring.
     wake_armed: std::cell::Cell<bool>,
 }
 
-/// The run queue, shared with the wakers of the thread's tasks, which may
-/// be called from other threads.
+/// The run queue for wakes from other threads, shared with the wakers of
+/// the thread's tasks. (Wakes on the ring's own thread go to the ring's
+/// local queue, which takes no lock.)
 struct Ready {
     queue: Mutex<VecDeque<async_task::Runnable>>,
+    /// Tasks in `queue`: read without the lock, to skip it when empty.
+    queued: std::sync::atomic::AtomicUsize,
     /// The ring's thread waits (or is about to) in the ring.
     asleep: AtomicBool,
     /// The eventfd was written and not yet read back.
@@ -90,15 +95,23 @@ struct Ready {
 impl Ready {
     fn push(&self, runnable: async_task::Runnable) {
         self.queue.lock().expect("run queue").push_back(runnable);
+        self.queued.fetch_add(1, Ordering::SeqCst);
         self.kick();
     }
 
     fn pop(&self) -> Option<async_task::Runnable> {
-        self.queue.lock().expect("run queue").pop_front()
+        if self.queued.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        let runnable = self.queue.lock().expect("run queue").pop_front();
+        if runnable.is_some() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        runnable
     }
 
     fn is_empty(&self) -> bool {
-        self.queue.lock().expect("run queue").is_empty()
+        self.queued.load(Ordering::SeqCst) == 0
     }
 
     /// Ends the ring thread's wait, if it waits.
@@ -157,8 +170,10 @@ impl Ring {
             uring: RefCell::new(uring),
             slots: RefCell::new(Slab::with_capacity(RING_ENTRIES as usize)),
             timers: RefCell::new(Timers::default()),
+            local: RefCell::new(VecDeque::new()),
             ready: Arc::new(Ready {
                 queue: Mutex::new(VecDeque::new()),
+                queued: std::sync::atomic::AtomicUsize::new(0),
                 asleep: AtomicBool::new(false),
                 notified: AtomicBool::new(false),
                 // SAFETY: a descriptor just opened and owned by nothing else.
@@ -214,7 +229,8 @@ impl Ring {
                 }
             }
             for _ in 0..RUNS_BEFORE_RING_MAX {
-                let Some(runnable) = self.ready.pop() else {
+                let local = self.local.borrow_mut().pop_front();
+                let Some(runnable) = local.or_else(|| self.ready.pop()) else {
                     break;
                 };
                 runnable.run();
@@ -229,7 +245,11 @@ impl Ring {
     /// Submits what was queued, waits in the ring unless something is
     /// ready already (or a timer is due), and hands out the completions.
     fn turn(&self, main: &MainWake) {
-        let ready_now = || main.woken.load(Ordering::SeqCst) || !self.ready.is_empty();
+        let ready_now = || {
+            main.woken.load(Ordering::SeqCst)
+                || !self.local.borrow().is_empty()
+                || !self.ready.is_empty()
+        };
         let mut wait = !ready_now();
         let mut timeout = None;
         if wait {
@@ -446,8 +466,25 @@ pub fn spawn<F: Future + 'static>(future: F) -> Task<F::Output>
 where
     F::Output: 'static,
 {
-    let ready = Ring::with(|ring| ring.ready.clone());
-    let (runnable, task) = async_task::spawn_local(future, move |runnable| ready.push(runnable));
+    let (ring_id, ready) = Ring::with(|ring| (ring.id, ring.ready.clone()));
+    let schedule = move |runnable: async_task::Runnable| {
+        // On the ring's own thread, while it runs: its local queue, which
+        // takes no lock. Anywhere else: the shared queue and a kick.
+        let mut runnable = Some(runnable);
+        let _ = CURRENT.try_with(|current| {
+            if let Ok(current) = current.try_borrow() {
+                if let Some(ring) = current.as_deref().filter(|ring| ring.id == ring_id) {
+                    ring.local
+                        .borrow_mut()
+                        .push_back(runnable.take().expect("scheduled once"));
+                }
+            }
+        });
+        if let Some(runnable) = runnable {
+            ready.push(runnable);
+        }
+    };
+    let (runnable, task) = async_task::spawn_local(future, schedule);
     runnable.schedule();
     task
 }
@@ -586,6 +623,25 @@ mod tests {
             assert!(Ring::with(|ring| ring.slots.borrow().is_empty()));
         });
         drop(writer);
+    }
+
+    #[test]
+    fn a_task_woken_from_another_thread_runs() {
+        let ring = Ring::new().unwrap();
+        let (sender, mut receiver) = tokio::sync::mpsc::channel::<u32>(1);
+        let received = ring.block_on(async move {
+            // The task, not the future `block_on` runs, waits for the
+            // other thread: its wake goes through the shared queue.
+            let task = spawn(async move { receiver.recv().await });
+            let sending = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                sender.blocking_send(9).unwrap();
+            });
+            let received = timeout(Duration::from_secs(10), task).await;
+            sending.join().unwrap();
+            received
+        });
+        assert_eq!(received, Ok(Some(9)));
     }
 
     #[test]

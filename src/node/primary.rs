@@ -15,12 +15,12 @@
 //! ended.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::ring::io::{File, TcpStream};
+use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::error::NodeError;
@@ -64,7 +64,7 @@ pub(crate) struct Engine {
     core: RefCell<Primary<Payload>>,
     data: Rc<File>,
     members: Vec<Member>,
-    replies: RefCell<HashMap<RequestId, oneshot::Sender<Result<(), VolumeError>>>>,
+    replies: RefCell<FxHashMap<RequestId, oneshot::Sender<Result<(), VolumeError>>>>,
     next_request_id: Cell<RequestId>,
     stopping: Cell<bool>,
     /// False once the volume's channel closed: the engine is stopping and
@@ -180,7 +180,7 @@ pub(crate) fn run(
                     stream: RefCell::new(None),
                 })
                 .collect(),
-            replies: RefCell::new(HashMap::new()),
+            replies: RefCell::new(FxHashMap::default()),
             next_request_id: Cell::new(1),
             stopping: Cell::new(false),
             accepting: Cell::new(true),
