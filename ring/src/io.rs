@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 
 use compio_buf::{IoBuf, IoBufMut};
-use io_uring::{opcode, types};
+use io_uring::{opcode, squeue, types};
 
 use super::Op;
 
@@ -36,6 +36,35 @@ fn result(code: i32) -> io::Result<usize> {
     }
 }
 
+/// Repeats an operation until `total` bytes of `buf` are done: `entry(buf,
+/// done, length)` makes the entry for the `length` bytes from `done` on
+/// (pointing into `buf`'s heap bytes only). A result of 0 bytes is a
+/// `zero` error; an interrupted operation is tried again.
+async fn all_of<B: StableBuf>(
+    fd: &Rc<OwnedFd>,
+    mut buf: B,
+    total: usize,
+    zero: io::ErrorKind,
+    entry: impl Fn(&mut B, usize, u32) -> squeue::Entry,
+) -> (io::Result<()>, B) {
+    let mut done = 0;
+    while done < total {
+        let length = u32::try_from(total - done).unwrap_or(u32::MAX);
+        let entry = entry(&mut buf, done, length);
+        // SAFETY: the entry points into `buf`'s heap bytes (the contract of
+        // `entry`); the operation owns `buf` and the descriptor.
+        let (code, (_, returned)) = unsafe { Op::new(entry, (fd.clone(), buf)) }.await;
+        buf = returned;
+        match result(code) {
+            Ok(0) => return (Err(zero.into()), buf),
+            Ok(count) => done += count,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return (Err(error), buf),
+        }
+    }
+    (Ok(()), buf)
+}
+
 /// A file read and written through the ring.
 pub struct File {
     fd: Rc<OwnedFd>,
@@ -52,34 +81,24 @@ impl File {
     /// Writes all of `buf` at `offset_bytes`.
     pub async fn write_all_at<B: StableBuf>(
         &self,
-        mut buf: B,
+        buf: B,
         offset_bytes: u64,
     ) -> (io::Result<()>, B) {
-        let mut done = 0;
-        loop {
-            let bytes = buf.as_init();
-            if done == bytes.len() {
-                return (Ok(()), buf);
-            }
-            let length = u32::try_from(bytes.len() - done).unwrap_or(u32::MAX);
-            let entry = opcode::Write::new(
-                types::Fd(self.fd.as_raw_fd()),
-                bytes[done..].as_ptr(),
-                length,
-            )
-            .offset(offset_bytes + done as u64)
-            .build();
-            // SAFETY: the entry points into `buf`'s heap bytes; the
-            // operation owns `buf` and the descriptor.
-            let (code, (_, returned)) = unsafe { Op::new(entry, (self.fd.clone(), buf)) }.await;
-            buf = returned;
-            match result(code) {
-                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
-                Ok(written) => done += written,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => return (Err(error), buf),
-            }
-        }
+        let total = buf.as_init().len();
+        let fd = self.fd.as_raw_fd();
+        all_of(
+            &self.fd,
+            buf,
+            total,
+            io::ErrorKind::WriteZero,
+            |buf: &mut B, done: usize, length: u32| {
+                let from = IoBuf::as_init(&*buf)[done..].as_ptr();
+                opcode::Write::new(types::Fd(fd), from, length)
+                    .offset(offset_bytes + done as u64)
+                    .build()
+            },
+        )
+        .await
     }
 
     /// Fills all of `buf` from `offset_bytes`.
@@ -88,30 +107,21 @@ impl File {
         mut buf: B,
         offset_bytes: u64,
     ) -> (io::Result<()>, B) {
-        let mut done = 0;
-        loop {
-            let bytes = buf.as_uninit();
-            if done == bytes.len() {
-                return (Ok(()), buf);
-            }
-            let length = u32::try_from(bytes.len() - done).unwrap_or(u32::MAX);
-            let entry = opcode::Read::new(
-                types::Fd(self.fd.as_raw_fd()),
-                bytes[done..].as_mut_ptr().cast(),
-                length,
-            )
-            .offset(offset_bytes + done as u64)
-            .build();
-            // SAFETY: as in `write_all_at`.
-            let (code, (_, returned)) = unsafe { Op::new(entry, (self.fd.clone(), buf)) }.await;
-            buf = returned;
-            match result(code) {
-                Ok(0) => return (Err(io::ErrorKind::UnexpectedEof.into()), buf),
-                Ok(read) => done += read,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => return (Err(error), buf),
-            }
-        }
+        let total = buf.as_uninit().len();
+        let fd = self.fd.as_raw_fd();
+        all_of(
+            &self.fd,
+            buf,
+            total,
+            io::ErrorKind::UnexpectedEof,
+            |buf: &mut B, done: usize, length: u32| {
+                let into = buf.as_uninit()[done..].as_mut_ptr().cast();
+                opcode::Read::new(types::Fd(fd), into, length)
+                    .offset(offset_bytes + done as u64)
+                    .build()
+            },
+        )
+        .await
     }
 
     /// fdatasync.
@@ -221,28 +231,22 @@ impl TcpStream {
     }
 
     /// Sends all of `bytes`.
-    pub async fn write_all_bytes(&self, mut bytes: Vec<u8>) -> io::Result<()> {
-        let mut done = 0;
-        while done < bytes.len() {
-            let length = u32::try_from(bytes.len() - done).unwrap_or(u32::MAX);
-            let entry = opcode::Send::new(
-                types::Fd(self.fd.as_raw_fd()),
-                bytes[done..].as_ptr(),
-                length,
-            )
-            .flags(libc::MSG_NOSIGNAL)
-            .build();
-            // SAFETY: as in `read_into`.
-            let (code, (_, returned)) = unsafe { Op::new(entry, (self.fd.clone(), bytes)) }.await;
-            bytes = returned;
-            match result(code) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(sent) => done += sent,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => return Err(error),
-            }
-        }
-        Ok(())
+    pub async fn write_all_bytes(&self, bytes: Vec<u8>) -> io::Result<()> {
+        let total = bytes.len();
+        let fd = self.fd.as_raw_fd();
+        all_of(
+            &self.fd,
+            bytes,
+            total,
+            io::ErrorKind::WriteZero,
+            |bytes: &mut Vec<u8>, done: usize, length: u32| {
+                opcode::Send::new(types::Fd(fd), bytes[done..].as_ptr(), length)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+            },
+        )
+        .await
+        .0
     }
 
     /// Shuts both directions down, which ends the peer's reads and ours.
