@@ -16,6 +16,8 @@
 //! from another thread, say); such a wake writes an eventfd that a read on
 //! the ring is waiting for, when the thread is asleep in the ring.
 
+#![warn(missing_docs)]
+
 pub mod io;
 mod op;
 mod timer;
