@@ -271,9 +271,11 @@ impl Ring {
         }
         self.enter(wait, timeout);
         self.ready.asleep.store(false, Ordering::SeqCst);
-        self.reap();
-        let due = self.timers.borrow().next_deadline();
-        if due.is_some_and(|deadline| deadline <= Instant::now()) {
+        if self.dispatch() {
+            self.ready.notified.store(false, Ordering::SeqCst);
+            self.arm_wake_read();
+        }
+        if self.timers.borrow().next_deadline().is_some() {
             self.timers.borrow_mut().fire(Instant::now());
         }
     }
@@ -323,28 +325,23 @@ impl Ring {
         }
     }
 
-    /// Hands every completion to its slot.
-    fn reap(&self) {
+    /// Hands every completion to its slot; true if the eventfd's read was
+    /// among them (it is then no longer in the ring).
+    fn dispatch(&self) -> bool {
         let mut uring = self.uring.borrow_mut();
-        let mut rearm_wake = false;
-        {
-            let mut slots = self.slots.borrow_mut();
-            for entry in uring.completion() {
-                match entry.user_data() {
-                    WAKE_USER_DATA => {
-                        self.wake_armed.set(false);
-                        rearm_wake = true;
-                    }
-                    CANCEL_USER_DATA => {}
-                    key => complete(&mut slots, key, entry.result()),
+        let mut slots = self.slots.borrow_mut();
+        let mut wake_read_done = false;
+        for entry in uring.completion() {
+            match entry.user_data() {
+                WAKE_USER_DATA => {
+                    self.wake_armed.set(false);
+                    wake_read_done = true;
                 }
+                CANCEL_USER_DATA => {}
+                key => complete(&mut slots, key, entry.result()),
             }
         }
-        drop(uring);
-        if rearm_wake {
-            self.ready.notified.store(false, Ordering::SeqCst);
-            self.arm_wake_read();
-        }
+        wake_read_done
     }
 
     /// Queues the read that completes when another thread writes the
@@ -439,15 +436,7 @@ impl Ring {
                 return;
             }
             self.enter(true, Some(deadline - now));
-            let mut uring = self.uring.borrow_mut();
-            let mut slots = self.slots.borrow_mut();
-            for entry in uring.completion() {
-                match entry.user_data() {
-                    WAKE_USER_DATA => self.wake_armed.set(false),
-                    CANCEL_USER_DATA => {}
-                    key => complete(&mut slots, key, entry.result()),
-                }
-            }
+            self.dispatch();
         }
     }
 }

@@ -115,24 +115,27 @@ impl<T: 'static> Drop for Op<T> {
         let Some((ring_id, key)) = self.key else {
             return;
         };
-        let resources = self.resources.take();
-        let mut resources = Some(resources);
-        Ring::try_with_id(ring_id, |ring| {
-            let resources = resources.take().expect("taken once");
+        let mut resources = self.resources.take();
+        let ring_running = Ring::try_with_id(ring_id, |ring| {
             let mut slots = ring.slots.borrow_mut();
             match &slots[key] {
+                // Completed: the resources are free to go.
                 Slot::Done(_) => {
                     slots.remove(key);
                 }
                 Slot::Waiting(_) => {
-                    slots[key] = Slot::Abandoned(resources.map(|r| Box::new(r) as Box<dyn Any>));
+                    let kept = resources.take().map(|r| Box::new(r) as Box<dyn Any>);
+                    slots[key] = Slot::Abandoned(kept);
                 }
                 Slot::Abandoned(_) => unreachable!("an operation is abandoned once"),
             }
-        });
-        // Its ring is not running (its `block_on` ended, or the thread is
-        // ending): the kernel may in the worst case still use the memory
-        // (a drain that timed out), so it is leaked, never freed.
-        std::mem::forget(resources);
+        })
+        .is_some();
+        if !ring_running {
+            // Its ring is not running (its `block_on` ended, or the thread
+            // is ending): the kernel may in the worst case still use the
+            // memory (a drain that timed out), so it is leaked, never freed.
+            std::mem::forget(resources);
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! Framed TCP over io_uring: a reader that yields whole frames out of a
 //! reusable buffer, and an outbox whose writer task sends every queued frame
 //! in one `writev`, update payloads straight from their shared buffers. Both
-//! run over [`Socket`], which compio's sockets implement.
+//! run over [`Socket`], which the primary engine's sockets (`replblk-ring`)
+//! and the secondary's (compio) implement.
 
 mod outbox;
 mod query;

@@ -95,7 +95,8 @@ impl DirectFrame {
 
 /// Yields frames from a stream. Frames borrow the reader's buffer, so a
 /// frame must be consumed before the next read. `S` is the socket of the
-/// thread's runtime (the daemons': compio's).
+/// thread's runtime: the primary engine's (`replblk-ring`) or the
+/// secondary's (compio, the default).
 pub struct FrameReader<S: Socket = compio::net::TcpStream> {
     stream: Rc<S>,
     peer: String,

@@ -1,5 +1,5 @@
-//! The primary's engine: [`crate::core::primary::Primary`] driven over
-//! compio, with the O_DIRECT copy and one connection per secondary.
+//! The primary's engine: [`crate::core::primary::Primary`] driven on the
+//! engine thread's own loop (`replblk-ring`), with the O_DIRECT copy and one connection per secondary.
 //!
 //! Everything runs on one thread: the command task takes requests from the
 //! [`super::volume::Volume`] channel, a task per secondary keeps its
@@ -19,7 +19,6 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::ring::io::{File, TcpStream};
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -36,6 +35,7 @@ use crate::proto::{
     encode_update_header, Ack, ErrorCode, ErrorFrame, Frame, Hello, LogState, Role, UpdateHeader,
     VolumeMember, VolumeState, PROTOCOL_VERSION, UPDATE_DATA_MAX_BYTES, UPDATE_FLAG_FUA,
 };
+use crate::ring::io::{File, TcpStream};
 use crate::wal::LOG_HEADER_SIZE_BYTES;
 
 /// How long a clean stop waits for in-flight requests and the final
@@ -752,8 +752,7 @@ impl Engine {
     /// each secondary whose log held writes back in that interval: the
     /// operator's sign that its log is too small for the load (or that it
     /// clears slowly). It sleeps on a timer only while there is something
-    /// to report: a pending timer costs compio's loop two clock reads and a
-    /// map split on every wait in the ring (BENCHMARKS.md, run 12).
+    /// to report, so that an idle engine has no deadline to wake for.
     async fn report_log_full_waits(self: Rc<Self>) {
         let interval = Duration::from_millis(LOG_FULL_REPORT_INTERVAL_MS);
         let mut reported = vec![MemberStats::default(); self.members.len()];

@@ -1,7 +1,7 @@
 //! The volume API: the one door into the primary.
 //!
-//! [`Volume::start`] runs the primary's engine on a thread of its own (a
-//! compio runtime); requests are sent to it over a bounded channel and
+//! [`Volume::start`] runs the primary's engine on a thread of its own (on
+//! `replblk-ring`); requests are sent to it over a bounded channel and
 //! complete through a oneshot each, so any async runtime (a test's, the
 //! benchmark's, a ublk queue's) can drive it. A write completes only when the
 //! primary's copy and every secondary of its set hold it; a flush, or a FUA
@@ -263,9 +263,9 @@ impl Volume {
         done.await.map_err(|_| VolumeError::Stopped)
     }
 
-    /// Runs `job` on the engine's thread, as a task of its runtime (compio:
-    /// the job may spawn there with `compio::runtime::spawn`, not on tokio),
-    /// with the volume at hand as a [`LocalVolume`]. Waits while the engine's queue
+    /// Runs `job` on the engine's thread, as a task of its loop
+    /// (`replblk::ring`: the job may spawn there with `ring::spawn`, not on
+    /// tokio or compio), with the volume at hand as a [`LocalVolume`]. Waits while the engine's queue
     /// is full, so it must not be called from inside an async runtime. If
     /// the engine has stopped, the job is dropped unrun and this fails.
     pub fn host(&self, job: HostedJob) -> Result<(), VolumeError> {
