@@ -65,6 +65,36 @@ async fn all_of<B: StableBuf>(
     (Ok(()), buf)
 }
 
+/// Writes `buf[done..total]` at `offset_bytes + done`, again after a short
+/// or interrupted write, then calls `then`. Always submits at least once,
+/// so that `then` runs from the ring's loop, not from the caller.
+fn write_from<B: StableBuf, F: FnOnce(io::Result<()>, B) + 'static>(
+    fd: Rc<OwnedFd>,
+    buf: B,
+    offset_bytes: u64,
+    done: usize,
+    total: usize,
+    then: F,
+) {
+    let length = u32::try_from(total - done).unwrap_or(u32::MAX);
+    let from = IoBuf::as_init(&buf)[done..].as_ptr();
+    let entry = opcode::Write::new(types::Fd(fd.as_raw_fd()), from, length)
+        .offset(offset_bytes + done as u64)
+        .build();
+    let next = move |code: i32, (fd, buf): (Rc<OwnedFd>, B)| match result(code) {
+        Ok(count) if done + count >= total => then(Ok(()), buf),
+        Ok(0) => then(Err(io::ErrorKind::WriteZero.into()), buf),
+        Ok(count) => write_from(fd, buf, offset_bytes, done + count, total, then),
+        Err(error) if error.kind() == io::ErrorKind::Interrupted => {
+            write_from(fd, buf, offset_bytes, done, total, then)
+        }
+        Err(error) => then(Err(error), buf),
+    };
+    // SAFETY: the entry points into `buf`'s heap bytes (`StableBuf`), and
+    // the operation owns `buf` and the descriptor until it completes.
+    unsafe { crate::submit(entry, (fd, buf), next) };
+}
+
 /// A file read and written through the ring.
 pub struct File {
     fd: Rc<OwnedFd>,
@@ -99,6 +129,19 @@ impl File {
             },
         )
         .await
+    }
+
+    /// As [`File::write_all_at`], without a future: `then` gets the
+    /// outcome and `buf` back, called from the ring's loop as
+    /// [`crate::submit`] says (never from inside this call).
+    pub fn write_all_at_then<B: StableBuf>(
+        &self,
+        buf: B,
+        offset_bytes: u64,
+        then: impl FnOnce(io::Result<()>, B) + 'static,
+    ) {
+        let total = buf.as_init().len();
+        write_from(self.fd.clone(), buf, offset_bytes, 0, total, then);
     }
 
     /// Fills all of `buf` from `offset_bytes`.
@@ -370,5 +413,55 @@ mod tests {
             file.read_exact_at(vec![0_u8; 4096], 200_000).await
         });
         assert_eq!(result.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn a_write_with_a_callback_lands_and_reports_once_from_the_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("copy");
+        let std_file = std::fs::File::create_new(&path).unwrap();
+        let ring = Ring::new().unwrap();
+        let data: Vec<u8> = (0..70_000_u32).map(|i| (i % 239) as u8).collect();
+        let expected = data.clone();
+        let outcomes = ring.block_on(async move {
+            let file = File::from_std(std_file);
+            let outcomes = Rc::new(std::cell::RefCell::new(Vec::new()));
+            let (sender, receiver) = tokio::sync::oneshot::channel();
+            let record = outcomes.clone();
+            file.write_all_at_then(data, 4096, move |result, buf: Vec<u8>| {
+                record
+                    .borrow_mut()
+                    .push((result.map_err(|e| e.kind()), buf.len()));
+                let _ = sender.send(());
+            });
+            assert!(
+                outcomes.borrow().is_empty(),
+                "the callback waits for the loop"
+            );
+            receiver.await.unwrap();
+            outcomes.take()
+        });
+        assert_eq!(outcomes, vec![(Ok(()), 70_000)]);
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(on_disk.len(), 4096 + 70_000);
+        assert!(on_disk[..4096].iter().all(|&byte| byte == 0));
+        assert_eq!(&on_disk[4096..], &expected[..]);
+    }
+
+    #[test]
+    fn a_failed_write_with_a_callback_reports_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("read-only");
+        std::fs::write(&path, b"x").unwrap();
+        let ring = Ring::new().unwrap();
+        let kind = ring.block_on(async move {
+            let file = File::from_std(std::fs::File::open(&path).unwrap());
+            let (sender, receiver) = tokio::sync::oneshot::channel();
+            file.write_all_at_then(vec![1_u8; 512], 0, move |result, _: Vec<u8>| {
+                let _ = sender.send(result.map_err(|e| e.raw_os_error()));
+            });
+            receiver.await.unwrap()
+        });
+        assert_eq!(kind, Err(Some(libc::EBADF)));
     }
 }

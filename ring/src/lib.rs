@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring};
 use slab::Slab;
 
-pub use op::Op;
-use op::Slot;
+pub use op::{submit, Op};
+use op::{Callback, Completed, Slot};
 use timer::Timers;
 pub use timer::{sleep, sleep_until, timeout, Elapsed, Sleep};
 
@@ -78,6 +78,12 @@ pub struct Ring {
     wake_buffer: RefCell<Box<u64>>,
     /// The eventfd's read is in the ring.
     wake_armed: std::cell::Cell<bool>,
+    /// Callbacks of the turn's completions ([`submit`]), called once the
+    /// completions are all handed out; kept to reuse its memory.
+    callbacks: RefCell<Vec<(Callback, i32)>>,
+    /// The time of this turn, read at the first [`now`] after the ring
+    /// last waited; `None` until then.
+    turn_time: std::cell::Cell<Option<Instant>>,
 }
 
 /// The run queue for wakes from other threads, shared with the wakers of
@@ -183,6 +189,8 @@ impl Ring {
             }),
             wake_buffer: RefCell::new(Box::new(0)),
             wake_armed: std::cell::Cell::new(false),
+            callbacks: RefCell::new(Vec::new()),
+            turn_time: std::cell::Cell::new(None),
         });
         Ok(ring)
     }
@@ -270,13 +278,43 @@ impl Ring {
             }
         }
         self.enter(wait, timeout);
+        self.turn_time.set(None);
         self.ready.asleep.store(false, Ordering::SeqCst);
         if self.dispatch() {
             self.ready.notified.store(false, Ordering::SeqCst);
             self.arm_wake_read();
         }
+        self.call_back();
         if self.timers.borrow().next_deadline().is_some() {
-            self.timers.borrow_mut().fire(Instant::now());
+            self.timers.borrow_mut().fire(self.now());
+        }
+    }
+
+    /// Calls the callbacks of the completions just handed out, with no
+    /// borrow of the ring held: they may submit and spawn.
+    fn call_back(&self) {
+        let mut callbacks = std::mem::take(&mut *self.callbacks.borrow_mut());
+        for (callback, result) in callbacks.drain(..) {
+            callback(result);
+        }
+        // Keep the emptied vector's memory unless a callback's own
+        // completion came in meanwhile (it cannot: no dispatch runs here).
+        let mut queued = self.callbacks.borrow_mut();
+        if queued.is_empty() {
+            *queued = callbacks;
+        }
+    }
+
+    /// The time of this turn: read at the first call after the ring last
+    /// waited, then the same until it waits again.
+    fn now(&self) -> Instant {
+        match self.turn_time.get() {
+            Some(now) => now,
+            None => {
+                let now = Instant::now();
+                self.turn_time.set(Some(now));
+                now
+            }
         }
     }
 
@@ -330,6 +368,7 @@ impl Ring {
     fn dispatch(&self) -> bool {
         let mut uring = self.uring.borrow_mut();
         let mut slots = self.slots.borrow_mut();
+        let mut callbacks = self.callbacks.borrow_mut();
         let mut wake_read_done = false;
         for entry in uring.completion() {
             match entry.user_data() {
@@ -338,7 +377,11 @@ impl Ring {
                     wake_read_done = true;
                 }
                 CANCEL_USER_DATA => {}
-                key => complete(&mut slots, key, entry.result()),
+                key => {
+                    if let Some(callback) = complete(&mut slots, key, entry.result()) {
+                        callbacks.push((callback, entry.result()));
+                    }
+                }
             }
         }
         wake_read_done
@@ -381,15 +424,26 @@ impl Ring {
         }
     }
 
-    /// Files a new operation and queues its entry.
+    /// Files a new operation awaited by the future of `waker` and queues
+    /// its entry.
     fn push(&self, entry: squeue::Entry, waker: Waker) -> usize {
-        let key = self.slots.borrow_mut().insert(Slot::Waiting(Some(waker)));
+        // SAFETY: `Op::new`'s contract: the entry's memory lives in the
+        // operation's resources, which its slot keeps until completion.
+        unsafe { self.push_slot(entry, Slot::Waiting(Some(waker))) }
+    }
+
+    /// Files `slot` for a new operation and queues its entry.
+    ///
+    /// # Safety
+    ///
+    /// Whatever `entry` points at stays valid until its completion.
+    unsafe fn push_slot(&self, entry: squeue::Entry, slot: Slot) -> usize {
+        let key = self.slots.borrow_mut().insert(slot);
         assert!(
             (key as u64) < CANCEL_USER_DATA,
             "operation keys stay below the reserved ones"
         );
-        // SAFETY: `Op::new`'s contract: the entry's memory lives in the
-        // operation's resources, which its slot keeps until completion.
+        // SAFETY: the caller's promise.
         unsafe { self.push_entry(entry.user_data(key as u64)) };
         key
     }
@@ -402,7 +456,7 @@ impl Ring {
             .slots
             .borrow()
             .iter()
-            .filter(|(_, slot)| !matches!(slot, Slot::Done(_)))
+            .filter(|(_, slot)| slot.in_kernel())
             .map(|(key, _)| key as u64)
             .collect();
         let wake_armed = self.wake_armed.get().then_some(WAKE_USER_DATA);
@@ -415,11 +469,7 @@ impl Ring {
         }
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         loop {
-            let in_kernel = self
-                .slots
-                .borrow()
-                .iter()
-                .any(|(_, slot)| !matches!(slot, Slot::Done(_)));
+            let in_kernel = self.slots.borrow().iter().any(|(_, slot)| slot.in_kernel());
             if !in_kernel && !self.wake_armed.get() {
                 return;
             }
@@ -437,19 +487,41 @@ impl Ring {
             }
             self.enter(true, Some(deadline - now));
             self.dispatch();
+            // The ring has ended: callbacks are not called, only dropped
+            // with what they own, now that the kernel is done with it.
+            self.callbacks.borrow_mut().clear();
         }
     }
 }
 
-/// Hands a completion to operation `key`'s slot. A key without a slot
-/// belonged to an operation a drain gave up on (and leaked): ignored.
-fn complete(slots: &mut Slab<Slot>, key: u64, result: i32) {
+/// Hands a completion to operation `key`'s slot; returns its callback, if
+/// it has one. A key without a slot belonged to an operation a drain gave
+/// up on (and leaked): ignored.
+fn complete(slots: &mut Slab<Slot>, key: u64, result: i32) -> Option<Callback> {
     let key = key as usize;
-    if let Some(slot) = slots.get_mut(key) {
-        if !slot.complete(result) {
+    let slot = slots.get_mut(key)?;
+    match slot.complete(result) {
+        Completed::Kept => None,
+        Completed::Free => {
             slots.remove(key);
+            None
+        }
+        Completed::Call(callback) => {
+            slots.remove(key);
+            Some(callback)
         }
     }
+}
+
+/// The time as of the ring's current turn: read from the clock at the
+/// first call after the ring last waited, and the same for every call
+/// until it waits again. For code that reads the time at every event (a
+/// state machine's deadlines in milliseconds) and would otherwise read
+/// the clock several times per request.
+///
+/// Panics outside [`Ring::block_on`].
+pub fn now() -> Instant {
+    Ring::with(Ring::now)
 }
 
 /// Spawns `future` as a task of the calling thread's ring.
@@ -654,5 +726,54 @@ mod tests {
         let (result, ()) = ring.block_on(nop());
         assert_eq!(result, 0);
         drop(writer);
+    }
+
+    #[test]
+    fn a_callback_left_at_the_rings_end_is_dropped_uncalled_after_the_kernel_is_done() {
+        // A read of a pipe nobody writes to stays in the kernel until the
+        // drain cancels it.
+        let mut fds = [0; 2];
+        // SAFETY: plain system call into a live array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: descriptors just opened, owned by nothing else.
+        let (reader, writer) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let called = Rc::new(std::cell::Cell::new(false));
+        let buffer = Rc::new(vec![0_u8; 64]);
+        let ring = Ring::new().unwrap();
+        let (flag, kept) = (called.clone(), buffer.clone());
+        ring.block_on(async move {
+            let entry =
+                opcode::Read::new(types::Fd(reader.as_raw_fd()), kept.as_ptr().cast_mut(), 64)
+                    .build();
+            // SAFETY: the entry points into the heap bytes of `kept`, which
+            // the operation owns (nothing writes them through the `Rc`).
+            unsafe { submit(entry, (reader, kept), move |_, _| flag.set(true)) };
+        });
+        assert!(
+            !called.get(),
+            "a callback is not called after its ring ended"
+        );
+        assert_eq!(
+            Rc::strong_count(&buffer),
+            1,
+            "the drain dropped what the operation owned"
+        );
+        assert!(ring.slots.borrow().is_empty());
+        drop(writer);
+    }
+
+    #[test]
+    fn the_turns_time_holds_until_the_ring_waits_again() {
+        let ring = Ring::new().unwrap();
+        let (first, second, after_wait) = ring.block_on(async {
+            let first = now();
+            std::thread::sleep(Duration::from_millis(5));
+            let second = now();
+            sleep(Duration::from_millis(5)).await;
+            (first, second, now())
+        });
+        assert_eq!(first, second, "one reading per turn");
+        assert!(after_wait >= first + Duration::from_millis(5));
     }
 }

@@ -15,6 +15,9 @@ use io_uring::squeue;
 
 use super::Ring;
 
+/// What [`submit`] calls with the kernel's result.
+pub(super) type Callback = Box<dyn FnOnce(i32)>;
+
 /// Where an operation stands.
 pub(super) enum Slot {
     /// Submitted; the waker of the future waiting for it, once polled.
@@ -24,23 +27,70 @@ pub(super) enum Slot {
     /// Its future was dropped before the completion: what the entry points
     /// at is kept here until the kernel is done with it.
     Abandoned(#[allow(dead_code)] Option<Box<dyn Any>>),
+    /// Submitted by [`submit`]: called with the result once the ring has
+    /// handed out the turn's completions. Owns what the entry points at.
+    Callback(Callback),
 }
 
 impl Slot {
-    /// Records the completion. Returns false if nobody waits for it any
-    /// more (the slot can go).
-    pub(super) fn complete(&mut self, result: i32) -> bool {
+    /// Records the completion: a waiting future is woken and the slot
+    /// keeps the result for it. Otherwise the slot can go, and what it
+    /// held is returned: an abandoned operation's resources (dropped with
+    /// it) or a callback to call.
+    pub(super) fn complete(&mut self, result: i32) -> Completed {
         match std::mem::replace(self, Slot::Done(result)) {
             Slot::Waiting(waker) => {
                 if let Some(waker) = waker {
                     waker.wake();
                 }
-                true
+                Completed::Kept
             }
-            Slot::Abandoned(_) => false,
+            Slot::Abandoned(_) => Completed::Free,
+            Slot::Callback(callback) => Completed::Call(callback),
             Slot::Done(_) => unreachable!("an operation completed twice"),
         }
     }
+
+    /// Whether the kernel may still use what the slot's entry points at.
+    pub(super) fn in_kernel(&self) -> bool {
+        !matches!(self, Slot::Done(_))
+    }
+}
+
+/// What [`Slot::complete`] leaves to do.
+pub(super) enum Completed {
+    /// The slot holds the result for its future.
+    Kept,
+    /// The slot can go.
+    Free,
+    /// The slot can go; its callback is to be called with the result.
+    Call(Callback),
+}
+
+/// Submits `entry` and calls `then` with the kernel's result and
+/// `resources` once it completes, from the ring's loop, after the turn's
+/// completions are handed out. Lighter than an [`Op`] awaited in a
+/// spawned task: no task, no waker, no poll. If the ring's
+/// [`Ring::block_on`] ends before the completion, `then` is never called
+/// (the drain waits for the kernel, then drops it with `resources`).
+///
+/// Panics outside [`Ring::block_on`].
+///
+/// # Safety
+///
+/// As [`Op::new`]: every pointer in `entry` points into heap memory
+/// `resources` own, or into memory that stays valid until the completion.
+pub unsafe fn submit<T: 'static>(
+    entry: squeue::Entry,
+    resources: T,
+    then: impl FnOnce(i32, T) + 'static,
+) {
+    let callback: Callback = Box::new(move |result| then(result, resources));
+    Ring::with(|ring| {
+        // SAFETY: the caller's promise; the slot owns the resources (in the
+        // callback) until the completion.
+        unsafe { ring.push_slot(entry, Slot::Callback(callback)) };
+    });
 }
 
 /// An operation: submitted on first poll, ready with the kernel's result
@@ -104,7 +154,9 @@ impl<T: 'static> Future for Op<T> {
                     }
                     Poll::Pending
                 }
-                Slot::Abandoned(_) => unreachable!("a live operation is never abandoned"),
+                Slot::Abandoned(_) | Slot::Callback(_) => {
+                    unreachable!("a live operation's slot is its own")
+                }
             }
         })
     }
@@ -127,7 +179,9 @@ impl<T: 'static> Drop for Op<T> {
                     let kept = resources.take().map(|r| Box::new(r) as Box<dyn Any>);
                     slots[key] = Slot::Abandoned(kept);
                 }
-                Slot::Abandoned(_) => unreachable!("an operation is abandoned once"),
+                Slot::Abandoned(_) | Slot::Callback(_) => {
+                    unreachable!("an operation is abandoned once")
+                }
             }
         })
         .is_some();

@@ -581,8 +581,13 @@ impl Engine {
         }
     }
 
+    /// The core's clock: the ring's turn time, not a fresh reading. The
+    /// core's deadlines are in milliseconds, and a write would otherwise
+    /// read the clock at each of its events.
     fn now_ms(&self) -> u64 {
-        self.clock.elapsed().as_millis() as u64
+        crate::ring::now()
+            .saturating_duration_since(self.clock)
+            .as_millis() as u64
     }
 
     /// Submits the records read back, in seq order, then a flush; returns
@@ -815,20 +820,22 @@ impl Engine {
                     offset_bytes,
                     payload,
                 } => {
+                    // A callback rather than a task: the one thing to do
+                    // on completion is to tell the core.
                     let engine = self.clone();
-                    crate::ring::spawn(async move {
-                        let (result, _) = engine.data.write_all_at(payload.buf, offset_bytes).await;
-                        let result = result.map_err(|error| error.to_string());
-                        if let Err(reason) = &result {
-                            tracing::error!(seq, %reason, "write to the primary's copy failed");
-                        }
-                        engine
-                            .core
-                            .borrow_mut()
-                            .local_write_done(seq, result, engine.now_ms());
-                        engine.pump();
-                    })
-                    .detach();
+                    self.data
+                        .write_all_at_then(payload.buf, offset_bytes, move |result, _| {
+                            let result = result.map_err(|error| error.to_string());
+                            if let Err(reason) = &result {
+                                tracing::error!(seq, %reason, "write to the primary's copy failed");
+                            }
+                            let now_ms = engine.now_ms();
+                            engine
+                                .core
+                                .borrow_mut()
+                                .local_write_done(seq, result, now_ms);
+                            engine.pump();
+                        });
                 }
                 Action::LocalSync { through_seq } => {
                     let engine = self.clone();
