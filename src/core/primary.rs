@@ -351,6 +351,15 @@ enum LocalState {
     Written,
 }
 
+/// Which writes an event may have made complete.
+#[derive(Debug, Clone, Copy)]
+enum WritesToCheck {
+    /// Any in the window.
+    All,
+    /// Only this seq's.
+    One(u64),
+}
+
 #[derive(Debug)]
 struct Slot<P> {
     id: RequestId,
@@ -480,6 +489,9 @@ pub struct Primary<P> {
     slots: VecDeque<Slot<P>>,
     window_start_seq: u64,
     window_bytes: u64,
+    /// FUA writes in the window. With none, and no flush waiting, no local
+    /// sync is wanted: the window is not scanned for one at every event.
+    fua_slots: usize,
     next_seq: u64,
     all_acked_seq: u64,
     pending: VecDeque<Pending<P>>,
@@ -557,6 +569,7 @@ impl<P: Clone> Primary<P> {
             slots: VecDeque::with_capacity(limits.window_updates_max),
             window_start_seq: first_seq,
             window_bytes: 0,
+            fua_slots: 0,
             next_seq: first_seq,
             all_acked_seq: first_seq - 1,
             pending: VecDeque::new(),
@@ -856,6 +869,7 @@ impl<P: Clone> Primary<P> {
             completed: false,
         });
         self.window_bytes += u64::from(length_bytes);
+        self.fua_slots += usize::from(fua);
         debug_assert_eq!(
             self.window_start_seq + self.slots.len() as u64,
             self.next_seq
@@ -992,7 +1006,9 @@ impl<P: Clone> Primary<P> {
         slot.local = LocalState::Written;
         let (offset_bytes, length_bytes) = (slot.offset_bytes, slot.length_bytes);
         self.unblock_after(seq, offset_bytes, length_bytes);
-        self.progress();
+        // Only this write's own state changed: no other write can have
+        // become complete, so the window is not scanned for one.
+        self.progress_checking(WritesToCheck::One(seq));
     }
 
     /// Starts the local writes that were waiting only for `seq`.
@@ -1302,12 +1318,26 @@ impl<P: Clone> Primary<P> {
 
     /// Runs every check that an event may have unblocked.
     fn progress(&mut self) {
+        self.progress_checking(WritesToCheck::All);
+    }
+
+    /// As [`Primary::progress`], looking for completed writes only among
+    /// `writes`.
+    fn progress_checking(&mut self, writes: WritesToCheck) {
         if self.failed.is_some() {
             return;
         }
         self.advance_all_acked();
         self.request_local_sync();
-        self.complete_writes();
+        self.complete_writes(writes);
+        // A scan per event: checked in debug builds and in this module's
+        // tests, whose simulations run every interleaving (also in release).
+        if cfg!(any(test, debug_assertions)) {
+            assert!(
+                (0..self.slots.len()).all(|index| !self.is_completable(index)),
+                "a completable write was left out of the check"
+            );
+        }
         self.complete_flushes();
         self.retire();
         self.admit_pending();
@@ -1431,7 +1461,7 @@ impl<P: Clone> Primary<P> {
     }
 
     fn request_local_sync(&mut self) {
-        if self.local_sync_in_flight.is_some() {
+        if self.local_sync_in_flight.is_some() || (self.flushes.is_empty() && self.fua_slots == 0) {
             return;
         }
         let wanted = self
@@ -1466,22 +1496,31 @@ impl<P: Clone> Primary<P> {
                 .all(|(index, member)| mask & (1 << index) == 0 || member.durable_seq >= seq)
     }
 
-    fn complete_writes(&mut self) {
-        for index in 0..self.slots.len() {
-            let seq = self.window_start_seq + index as u64;
-            let slot = &self.slots[index];
-            if slot.completed
-                || slot.local != LocalState::Written
-                || !self.tracker.is_fully_acked(seq)
-            {
-                continue;
+    /// Whether the write in `slots[index]` can complete now: written
+    /// locally, fully acknowledged and, with FUA, durable everywhere.
+    fn is_completable(&self, index: usize) -> bool {
+        let seq = self.window_start_seq + index as u64;
+        let slot = &self.slots[index];
+        !slot.completed
+            && slot.local == LocalState::Written
+            && self.tracker.is_fully_acked(seq)
+            && (!slot.fua || self.durable_everywhere(seq, self.tracker.set_mask(seq)))
+    }
+
+    fn complete_writes(&mut self, writes: WritesToCheck) {
+        let indexes = match writes {
+            WritesToCheck::All => 0..self.slots.len(),
+            WritesToCheck::One(seq) => {
+                let index = (seq - self.window_start_seq) as usize;
+                index..index + 1
             }
-            if slot.fua && !self.durable_everywhere(seq, self.tracker.set_mask(seq)) {
-                continue;
+        };
+        for index in indexes {
+            if self.is_completable(index) {
+                let id = self.slots[index].id;
+                self.slots[index].completed = true;
+                self.complete(id, Ok(()));
             }
-            let id = slot.id;
-            self.slots[index].completed = true;
-            self.complete(id, Ok(()));
         }
     }
 
@@ -1505,6 +1544,7 @@ impl<P: Clone> Primary<P> {
                 break;
             }
             self.window_bytes -= u64::from(slot.length_bytes);
+            self.fua_slots -= usize::from(slot.fua);
             self.slots.pop_front();
             self.window_start_seq += 1;
         }
