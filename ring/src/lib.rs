@@ -776,4 +776,20 @@ mod tests {
         assert_eq!(first, second, "one reading per turn");
         assert!(after_wait >= first + Duration::from_millis(5));
     }
+
+    #[test]
+    fn a_sleep_is_over_only_when_the_turns_time_says_so() {
+        let ring = Ring::new().unwrap();
+        let (deadline, woke) = ring.block_on(async {
+            let deadline = now() + Duration::from_millis(2);
+            // The deadline passes while the turn's time stands still.
+            std::thread::sleep(Duration::from_millis(5));
+            sleep_until(deadline).await;
+            (deadline, now())
+        });
+        assert!(
+            woke >= deadline,
+            "a task that slept until a deadline sees it reached"
+        );
+    }
 }

@@ -70,7 +70,12 @@ impl Future for Sleep {
             let mut timers = ring.timers.borrow_mut();
             match self.key {
                 None => {
-                    if Instant::now() >= self.deadline {
+                    // The turn's time, not a fresh reading: a sleep is over
+                    // only once `now()` says so, or a task that sleeps
+                    // until a deadline and then checks `now()` against it
+                    // would find it not yet due, sleep again, and spin
+                    // inside one poll without the turn's time ever moving.
+                    if ring.now() >= self.deadline {
                         return Poll::Ready(());
                     }
                     self.key = Some((ring.id, timers.insert(self.deadline, cx.waker().clone())));
