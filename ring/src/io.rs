@@ -14,7 +14,24 @@ use std::rc::Rc;
 use compio_buf::{IoBuf, IoBufMut};
 use io_uring::{opcode, squeue, types};
 
-use super::Op;
+use super::{FixedFile, Op};
+
+/// `$make`, with `$target` the file as io_uring names it: its index in the
+/// ring's table if `$fixed` has one, else its descriptor `$fd`.
+macro_rules! on_file {
+    ($fixed:expr, $fd:expr, |$target:ident| $make:expr) => {
+        match $fixed {
+            Some(index) => {
+                let $target = types::Fixed(index);
+                $make
+            }
+            None => {
+                let $target = types::Fd($fd);
+                $make
+            }
+        }
+    };
+}
 
 /// A buffer whose bytes live on the heap, so that they stay where they are
 /// when the value moves into an operation.
@@ -39,9 +56,11 @@ fn result(code: i32) -> io::Result<usize> {
 /// Repeats an operation until `total` bytes of `buf` are done: `entry(buf,
 /// done, length)` makes the entry for the `length` bytes from `done` on
 /// (pointing into `buf`'s heap bytes only). A result of 0 bytes is a
-/// `zero` error; an interrupted operation is tried again.
-async fn all_of<B: StableBuf>(
-    fd: &Rc<OwnedFd>,
+/// `zero` error; an interrupted operation is tried again. Each operation
+/// holds a clone of `fd` (what keeps the file open, and registered) until
+/// it completes.
+async fn all_of<B: StableBuf, D: 'static>(
+    fd: &Rc<D>,
     mut buf: B,
     total: usize,
     zero: io::ErrorKind,
@@ -69,7 +88,7 @@ async fn all_of<B: StableBuf>(
 /// or interrupted write, then calls `then`. Always submits at least once,
 /// so that `then` runs from the ring's loop, not from the caller.
 fn write_from<B: StableBuf, F: FnOnce(io::Result<()>, B) + 'static>(
-    fd: Rc<OwnedFd>,
+    fd: Rc<FileDescriptor>,
     buf: B,
     offset_bytes: u64,
     done: usize,
@@ -78,10 +97,13 @@ fn write_from<B: StableBuf, F: FnOnce(io::Result<()>, B) + 'static>(
 ) {
     let length = u32::try_from(total - done).unwrap_or(u32::MAX);
     let from = IoBuf::as_init(&buf)[done..].as_ptr();
-    let entry = opcode::Write::new(types::Fd(fd.as_raw_fd()), from, length)
-        .offset(offset_bytes + done as u64)
-        .build();
-    let next = move |code: i32, (fd, buf): (Rc<OwnedFd>, B)| match result(code) {
+    let fixed = fd.fixed.as_ref().map(FixedFile::index);
+    let entry = on_file!(fixed, fd.as_raw_fd(), |file| opcode::Write::new(
+        file, from, length
+    )
+    .offset(offset_bytes + done as u64)
+    .build());
+    let next = move |code: i32, (fd, buf): (Rc<FileDescriptor>, B)| match result(code) {
         Ok(count) if done + count >= total => then(Ok(()), buf),
         Ok(0) => then(Err(io::ErrorKind::WriteZero.into()), buf),
         Ok(count) => write_from(fd, buf, offset_bytes, done + count, total, then),
@@ -97,15 +119,39 @@ fn write_from<B: StableBuf, F: FnOnce(io::Result<()>, B) + 'static>(
 
 /// A file read and written through the ring.
 pub struct File {
-    fd: Rc<OwnedFd>,
+    /// Held by every operation on the file too: neither its descriptor nor
+    /// its entry in the ring's table goes (and the entry cannot be handed
+    /// to another file) while an operation may still name them.
+    fd: Rc<FileDescriptor>,
+}
+
+/// A file's descriptor and its entry in the ring's table of files, if it
+/// got one. The entry goes first.
+struct FileDescriptor {
+    fixed: Option<FixedFile>,
+    fd: OwnedFd,
+}
+
+impl AsRawFd for FileDescriptor {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
 }
 
 impl File {
-    /// `file`, opened already, as a file of the ring.
+    /// `file`, opened already, as a file of the ring. Inside
+    /// [`crate::Ring::block_on`] it is registered with the ring, when the
+    /// ring's table has room ([`crate::register_file`]).
     pub fn from_std(file: std::fs::File) -> File {
+        let fd = OwnedFd::from(file);
+        let fixed = crate::register_file(fd.as_raw_fd());
         File {
-            fd: Rc::new(OwnedFd::from(file)),
+            fd: Rc::new(FileDescriptor { fixed, fd }),
         }
+    }
+
+    fn fixed_index(&self) -> Option<u32> {
+        self.fd.fixed.as_ref().map(FixedFile::index)
     }
 
     /// Writes all of `buf` at `offset_bytes`.
@@ -115,7 +161,7 @@ impl File {
         offset_bytes: u64,
     ) -> (io::Result<()>, B) {
         let total = buf.as_init().len();
-        let fd = self.fd.as_raw_fd();
+        let (fd, fixed) = (self.fd.as_raw_fd(), self.fixed_index());
         all_of(
             &self.fd,
             buf,
@@ -123,9 +169,9 @@ impl File {
             io::ErrorKind::WriteZero,
             |buf: &mut B, done: usize, length: u32| {
                 let from = IoBuf::as_init(&*buf)[done..].as_ptr();
-                opcode::Write::new(types::Fd(fd), from, length)
+                on_file!(fixed, fd, |file| opcode::Write::new(file, from, length)
                     .offset(offset_bytes + done as u64)
-                    .build()
+                    .build())
             },
         )
         .await
@@ -151,7 +197,7 @@ impl File {
         offset_bytes: u64,
     ) -> (io::Result<()>, B) {
         let total = buf.as_uninit().len();
-        let fd = self.fd.as_raw_fd();
+        let (fd, fixed) = (self.fd.as_raw_fd(), self.fixed_index());
         all_of(
             &self.fd,
             buf,
@@ -159,9 +205,9 @@ impl File {
             io::ErrorKind::UnexpectedEof,
             |buf: &mut B, done: usize, length: u32| {
                 let into = buf.as_uninit()[done..].as_mut_ptr().cast();
-                opcode::Read::new(types::Fd(fd), into, length)
+                on_file!(fixed, fd, |file| opcode::Read::new(file, into, length)
                     .offset(offset_bytes + done as u64)
-                    .build()
+                    .build())
             },
         )
         .await
@@ -169,9 +215,11 @@ impl File {
 
     /// fdatasync.
     pub async fn sync_data(&self) -> io::Result<()> {
-        let entry = opcode::Fsync::new(types::Fd(self.fd.as_raw_fd()))
-            .flags(types::FsyncFlags::DATASYNC)
-            .build();
+        let entry = on_file!(self.fixed_index(), self.fd.as_raw_fd(), |file| {
+            opcode::Fsync::new(file)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+        });
         // SAFETY: the entry points at nothing but the descriptor it owns.
         let (code, _) = unsafe { Op::new(entry, self.fd.clone()) }.await;
         result(code).map(|_| ())

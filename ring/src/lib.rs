@@ -18,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+mod fixed;
 pub mod io;
 mod op;
 mod timer;
@@ -35,6 +36,8 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring};
 use slab::Slab;
 
+use fixed::FixedTable;
+pub use fixed::{register_file, FixedFile, FIXED_FILES_MAX};
 pub use op::{submit, Op};
 use op::{Callback, Completed, Slot};
 use timer::Timers;
@@ -84,6 +87,8 @@ pub struct Ring {
     /// The time of this turn, read at the first [`now`] after the ring
     /// last waited; `None` until then.
     turn_time: std::cell::Cell<Option<Instant>>,
+    /// The table of registered files, if the kernel has one.
+    fixed: RefCell<Option<FixedTable>>,
 }
 
 /// The run queue for wakes from other threads, shared with the wakers of
@@ -167,6 +172,7 @@ impl Ring {
             .build(RING_ENTRIES)
             .or_else(|_| IoUring::builder().setup_coop_taskrun().build(RING_ENTRIES))
             .or_else(|_| IoUring::builder().build(RING_ENTRIES))?;
+        let fixed = FixedTable::register(&uring);
         // SAFETY: plain system call; the result is checked before use.
         let eventfd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if eventfd < 0 {
@@ -191,6 +197,7 @@ impl Ring {
             wake_armed: std::cell::Cell::new(false),
             callbacks: RefCell::new(Vec::new()),
             turn_time: std::cell::Cell::new(None),
+            fixed: RefCell::new(fixed),
         });
         Ok(ring)
     }
@@ -366,6 +373,10 @@ impl Ring {
     /// Hands every completion to its slot; true if the eventfd's read was
     /// among them (it is then no longer in the ring).
     fn dispatch(&self) -> bool {
+        // What freed slots held (an abandoned operation's resources) is
+        // dropped after the borrows below end: a file's drop unregisters
+        // it from the ring (see `fixed`).
+        let mut freed = Vec::new();
         let mut uring = self.uring.borrow_mut();
         let mut slots = self.slots.borrow_mut();
         let mut callbacks = self.callbacks.borrow_mut();
@@ -377,11 +388,11 @@ impl Ring {
                     wake_read_done = true;
                 }
                 CANCEL_USER_DATA => {}
-                key => {
-                    if let Some(callback) = complete(&mut slots, key, entry.result()) {
-                        callbacks.push((callback, entry.result()));
-                    }
-                }
+                key => match complete(&mut slots, key, entry.result()) {
+                    Some(Completed::Call(callback)) => callbacks.push((callback, entry.result())),
+                    Some(Completed::Free(slot)) => freed.push(slot),
+                    Some(Completed::Kept) | None => {}
+                },
             }
         }
         wake_read_done
@@ -489,28 +500,22 @@ impl Ring {
             self.dispatch();
             // The ring has ended: callbacks are not called, only dropped
             // with what they own, now that the kernel is done with it.
-            self.callbacks.borrow_mut().clear();
+            drop(std::mem::take(&mut *self.callbacks.borrow_mut()));
         }
     }
 }
 
-/// Hands a completion to operation `key`'s slot; returns its callback, if
-/// it has one. A key without a slot belonged to an operation a drain gave
-/// up on (and leaked): ignored.
-fn complete(slots: &mut Slab<Slot>, key: u64, result: i32) -> Option<Callback> {
+/// Hands a completion to operation `key`'s slot; returns what is left to
+/// do, the slot removed unless it keeps the result for its future. A key
+/// without a slot belonged to an operation a drain gave up on (and
+/// leaked): ignored.
+fn complete(slots: &mut Slab<Slot>, key: u64, result: i32) -> Option<Completed> {
     let key = key as usize;
-    let slot = slots.get_mut(key)?;
-    match slot.complete(result) {
-        Completed::Kept => None,
-        Completed::Free => {
-            slots.remove(key);
-            None
-        }
-        Completed::Call(callback) => {
-            slots.remove(key);
-            Some(callback)
-        }
+    let completed = slots.get_mut(key)?.complete(result);
+    if !matches!(completed, Completed::Kept) {
+        slots.remove(key);
     }
+    Some(completed)
 }
 
 /// The time as of the ring's current turn: read from the clock at the

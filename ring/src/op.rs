@@ -45,7 +45,7 @@ impl Slot {
                 }
                 Completed::Kept
             }
-            Slot::Abandoned(_) => Completed::Free,
+            abandoned @ Slot::Abandoned(_) => Completed::Free(abandoned),
             Slot::Callback(callback) => Completed::Call(callback),
             Slot::Done(_) => unreachable!("an operation completed twice"),
         }
@@ -61,8 +61,8 @@ impl Slot {
 pub(super) enum Completed {
     /// The slot holds the result for its future.
     Kept,
-    /// The slot can go.
-    Free,
+    /// The slot can go; what it held is to be dropped.
+    Free(Slot),
     /// The slot can go; its callback is to be called with the result.
     Call(Callback),
 }

@@ -126,8 +126,9 @@ pub(crate) fn run(
     let ring = crate::ring::Ring::new().map_err(|error| NodeError::Fatal {
         reason: format!("setting up the engine's io_uring: {error}"),
     })?;
-    let direct = File::from_std(direct);
     ring.block_on(async move {
+        // Inside the ring, to be registered with it (`File::from_std`).
+        let direct = File::from_std(direct);
         let mut connections = connect_all(&config, &node, &secondaries, volume_uuid, epoch).await;
         let plan = plan_start(&secondaries, &connections, epoch)?;
         let startup_timeout = Duration::from_millis(config.replication.startup_timeout_ms);

@@ -13,6 +13,7 @@
 
 use std::cell::Cell;
 use std::os::fd::RawFd;
+use std::rc::Rc;
 
 use io_uring::{opcode, squeue, types};
 
@@ -48,12 +49,33 @@ pub(crate) fn serving_hosted_queue() -> bool {
 /// (a tag's buffer, the queue's request descriptors) must stay valid until
 /// the result arrives, also if this future is dropped before that (the ring
 /// then keeps the operation until its completion): a hosted queue's tags
-/// and buffers live as long as the device.
-async fn submit(entry: squeue::Entry) -> i32 {
+/// and buffers live as long as the device. `keep` is held until then too.
+async fn submit<K: 'static>(entry: squeue::Entry, keep: K) -> i32 {
     // SAFETY: the entry owns nothing; what it points at is kept valid by
     // the caller until the completion, as said above.
-    let (result, ()) = unsafe { replblk_ring::Op::new(entry, ()) }.await;
+    let (result, _) = unsafe { replblk_ring::Op::new(entry, keep) }.await;
     result
+}
+
+/// A queue's char device as the host's ring names it: by its entry in the
+/// ring's table of files when it got one (as libublk's own queues do: the
+/// kernel then takes no reference to the file per command), by its
+/// descriptor otherwise.
+pub(crate) struct DeviceFile {
+    fd: RawFd,
+    /// Held by each command too, so that the entry is not handed to another
+    /// file while a command may still name it.
+    fixed: Option<Rc<replblk_ring::FixedFile>>,
+}
+
+impl DeviceFile {
+    /// `fd`, registered with the calling thread's ring if it can be.
+    pub(crate) fn register(fd: RawFd) -> DeviceFile {
+        DeviceFile {
+            fd,
+            fixed: replblk_ring::register_file(fd).map(Rc::new),
+        }
+    }
 }
 
 /// The 16 bytes of a `ublksrv_io_cmd`, laid out as the kernel reads them.
@@ -68,13 +90,13 @@ fn io_command_bytes(queue_id: u16, tag: u16, result: i32, buffer_address: u64) -
 
 /// One ublk io command (`UBLK_U_IO_FETCH_REQ` or
 /// `UBLK_U_IO_COMMIT_AND_FETCH_REQ`) for `tag` of queue `queue_id` on the
-/// device's char device `device_fd`; returns the kernel's result
+/// device's char device `device`; returns the kernel's result
 /// (`UBLK_IO_RES_OK` once a request is waiting in the tag,
 /// `UBLK_IO_RES_ABORT` once the queue is going away). The kernel copies
 /// requests into and out of `buffer_address` until the next command's
 /// result: the caller keeps that memory valid until then.
 pub(crate) async fn io_command(
-    device_fd: RawFd,
+    device: &DeviceFile,
     ioctl_encoded: bool,
     queue_id: u16,
     tag: u16,
@@ -89,10 +111,16 @@ pub(crate) async fn io_command(
     } else {
         command & 0xff
     };
-    let entry = opcode::UringCmd16::new(types::Fd(device_fd), command)
-        .cmd(io_command_bytes(queue_id, tag, result, buffer_address))
-        .build();
-    submit(entry).await
+    let bytes = io_command_bytes(queue_id, tag, result, buffer_address);
+    let entry = match &device.fixed {
+        Some(fixed) => opcode::UringCmd16::new(types::Fixed(fixed.index()), command)
+            .cmd(bytes)
+            .build(),
+        None => opcode::UringCmd16::new(types::Fd(device.fd), command)
+            .cmd(bytes)
+            .build(),
+    };
+    submit(entry, device.fixed.clone()).await
 }
 
 /// Reads into `buffer` from `offset_bytes` of `fd` through the host's ring;
@@ -103,7 +131,7 @@ pub(crate) async fn read_at(fd: RawFd, offset_bytes: u64, buffer: &mut [u8]) -> 
     let entry = opcode::Read::new(types::Fd(fd), buffer.as_mut_ptr(), length)
         .offset(offset_bytes)
         .build();
-    submit(entry).await
+    submit(entry, ()).await
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use libublk::ctrl::UblkCtrl;
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::{sys, UblkError};
 
-use crate::host_ring::{self, HostedThread};
+use crate::host_ring::{self, DeviceFile, HostedThread};
 use crate::queue::{serve_tag_until_down, suppress_partition_scan, TagCommands};
 use crate::target::Target;
 
@@ -104,7 +104,7 @@ impl HostedQueue {
         };
         let _hosted = HostedThread::enter();
         let commands = HostRingCommands {
-            device_fd: dev.tgt.fds[0],
+            device: DeviceFile::register(dev.tgt.fds[0]),
             ioctl_encoded: dev.dev_info.flags & u64::from(sys::UBLK_F_CMD_IOCTL_ENCODE) != 0,
             queue_id,
         };
@@ -164,7 +164,7 @@ impl Drop for HostedQueue {
 /// A hosted queue's commands, sent through the host's ring.
 struct HostRingCommands {
     /// The device's char device, which libublk opened and keeps open.
-    device_fd: std::os::fd::RawFd,
+    device: DeviceFile,
     ioctl_encoded: bool,
     queue_id: u16,
 }
@@ -178,7 +178,7 @@ impl HostRingCommands {
         result: i32,
     ) -> Result<(), UblkError> {
         let outcome = host_ring::io_command(
-            self.device_fd,
+            &self.device,
             self.ioctl_encoded,
             self.queue_id,
             tag,
