@@ -8,14 +8,15 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use replblk::buf::{AlignedBuf, SharedBuf};
 use replblk::config::ReplicationConfig;
 use replblk::net::{query_node, NodeReport};
 use replblk::node::local_cluster::{first_difference, LocalCluster, PRIMARY_NODE_ID};
+use replblk::node::primary::LOG_FULL_REPORT_INTERVAL_MS;
 use replblk::node::volume::{Replicate, Volume, VolumeStatus};
 
 const BLOCK_BYTES: u64 = 4096;
@@ -447,8 +448,44 @@ fn a_stuck_secondary_delays_writes_by_at_most_the_two_timeouts_then_is_dropped()
     assert!(exit.success(), "{}", cluster.output(healthy));
 }
 
+/// What this process logs through `tracing` (every test's engine thread
+/// included), from the first call on.
+fn captured_log() -> Arc<Mutex<Vec<u8>>> {
+    static CAPTURED: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    CAPTURED
+        .get_or_init(|| {
+            let captured = Arc::new(Mutex::new(Vec::new()));
+            let sink = captured.clone();
+            tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(move || LogSink(sink.clone()))
+                .init();
+            captured
+        })
+        .clone()
+}
+
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        // A test that panicked holding the lock must not silence the rest.
+        let mut captured = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        captured.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[test]
 fn a_log_smaller_than_the_writes_in_flight_holds_them_back_and_loses_nothing() {
+    let log = captured_log();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     // The smallest log the format allows: four largest records. At queue
     // depth 32 with writes up to 1 MiB it fills constantly, so secondaries
@@ -518,6 +555,39 @@ fn a_log_smaller_than_the_writes_in_flight_holds_them_back_and_loses_nothing() {
         matches!(report, Ok(NodeReport::Secondary { .. })),
         "a secondary answers as a secondary: {report:?}"
     );
+    // The operator is told, once per interval after a wait began, which
+    // secondary's log held writes back.
+    let deadline =
+        Instant::now() + Duration::from_millis(LOG_FULL_REPORT_INTERVAL_MS) + SETTLE_TIMEOUT;
+    let text = || {
+        let captured = log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        String::from_utf8_lossy(&captured).into_owned()
+    };
+    let reported = |text: &str, node_id: u32| {
+        text.lines().any(|line| {
+            line.contains("writes waited for room in the secondary's log")
+                && line.contains(&format!("secondary={node_id} "))
+        })
+    };
+    loop {
+        let text = text();
+        if cluster
+            .secondary_ids()
+            .iter()
+            .all(|&id| reported(&text, id))
+        {
+            break;
+        }
+        let start = (text.len().saturating_sub(4000)..text.len())
+            .find(|&index| text.is_char_boundary(index))
+            .unwrap_or(text.len());
+        let tail = &text[start..];
+        assert!(
+            Instant::now() < deadline,
+            "no log-full report for every secondary within the interval; the log ends with:\n{tail}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     finish(cluster, volume, &writes);
 }
 
