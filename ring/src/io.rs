@@ -53,10 +53,22 @@ fn result(code: i32) -> io::Result<usize> {
     }
 }
 
+/// Where an operation repeated until `total` bytes are done stands after
+/// one completion with `code`, `done` bytes before it: the bytes done now,
+/// or the error that ends it. A result of 0 bytes before the end is a
+/// `zero` error; an interrupted operation did nothing and is tried again.
+fn step(code: i32, done: usize, total: usize, zero: io::ErrorKind) -> io::Result<usize> {
+    match result(code) {
+        Ok(0) if done < total => Err(zero.into()),
+        Ok(count) => Ok(done + count),
+        Err(error) if error.kind() == io::ErrorKind::Interrupted => Ok(done),
+        Err(error) => Err(error),
+    }
+}
+
 /// Repeats an operation until `total` bytes of `buf` are done: `entry(buf,
 /// done, length)` makes the entry for the `length` bytes from `done` on
-/// (pointing into `buf`'s heap bytes only). A result of 0 bytes is a
-/// `zero` error; an interrupted operation is tried again. Each operation
+/// (pointing into `buf`'s heap bytes only), as [`step`] says. Each operation
 /// holds a clone of `fd` (what keeps the file open, and registered) until
 /// it completes.
 async fn all_of<B: StableBuf, D: 'static>(
@@ -74,14 +86,28 @@ async fn all_of<B: StableBuf, D: 'static>(
         // `entry`); the operation owns `buf` and the descriptor.
         let (code, (_, returned)) = unsafe { Op::new(entry, (fd.clone(), buf)) }.await;
         buf = returned;
-        match result(code) {
-            Ok(0) => return (Err(zero.into()), buf),
-            Ok(count) => done += count,
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+        match step(code, done, total, zero) {
+            Ok(now_done) => done = now_done,
             Err(error) => return (Err(error), buf),
         }
     }
     (Ok(()), buf)
+}
+
+/// The entry writing `length` bytes from `from` at `offset_bytes` of the
+/// file.
+fn write_entry(
+    fd: &FileDescriptor,
+    from: *const u8,
+    length: u32,
+    offset_bytes: u64,
+) -> squeue::Entry {
+    let fixed = fd.fixed.as_ref().map(FixedFile::index);
+    on_file!(fixed, fd.as_raw_fd(), |file| opcode::Write::new(
+        file, from, length
+    )
+    .offset(offset_bytes)
+    .build())
 }
 
 /// Writes `buf[done..total]` at `offset_bytes + done`, again after a short
@@ -97,19 +123,15 @@ fn write_from<B: StableBuf, F: FnOnce(io::Result<()>, B) + 'static>(
 ) {
     let length = u32::try_from(total - done).unwrap_or(u32::MAX);
     let from = IoBuf::as_init(&buf)[done..].as_ptr();
-    let fixed = fd.fixed.as_ref().map(FixedFile::index);
-    let entry = on_file!(fixed, fd.as_raw_fd(), |file| opcode::Write::new(
-        file, from, length
-    )
-    .offset(offset_bytes + done as u64)
-    .build());
-    let next = move |code: i32, (fd, buf): (Rc<FileDescriptor>, B)| match result(code) {
-        Ok(count) if done + count >= total => then(Ok(()), buf),
-        Ok(0) => then(Err(io::ErrorKind::WriteZero.into()), buf),
-        Ok(count) => write_from(fd, buf, offset_bytes, done + count, total, then),
-        Err(error) if error.kind() == io::ErrorKind::Interrupted => {
-            write_from(fd, buf, offset_bytes, done, total, then)
-        }
+    let entry = write_entry(&fd, from, length, offset_bytes + done as u64);
+    let next = move |code: i32, (fd, buf): (Rc<FileDescriptor>, B)| match step(
+        code,
+        done,
+        total,
+        io::ErrorKind::WriteZero,
+    ) {
+        Ok(now_done) if now_done >= total => then(Ok(()), buf),
+        Ok(now_done) => write_from(fd, buf, offset_bytes, now_done, total, then),
         Err(error) => then(Err(error), buf),
     };
     // SAFETY: the entry points into `buf`'s heap bytes (`StableBuf`), and
@@ -161,7 +183,7 @@ impl File {
         offset_bytes: u64,
     ) -> (io::Result<()>, B) {
         let total = buf.as_init().len();
-        let (fd, fixed) = (self.fd.as_raw_fd(), self.fixed_index());
+        let fd = &*self.fd;
         all_of(
             &self.fd,
             buf,
@@ -169,9 +191,7 @@ impl File {
             io::ErrorKind::WriteZero,
             |buf: &mut B, done: usize, length: u32| {
                 let from = IoBuf::as_init(&*buf)[done..].as_ptr();
-                on_file!(fixed, fd, |file| opcode::Write::new(file, from, length)
-                    .offset(offset_bytes + done as u64)
-                    .build())
+                write_entry(fd, from, length, offset_bytes + done as u64)
             },
         )
         .await

@@ -304,12 +304,11 @@ impl Ring {
         for (callback, result) in callbacks.drain(..) {
             callback(result);
         }
-        // Keep the emptied vector's memory unless a callback's own
-        // completion came in meanwhile (it cannot: no dispatch runs here).
+        // The emptied vector's memory is kept for the next turn: nothing
+        // queued more meanwhile, as only a dispatch queues callbacks.
         let mut queued = self.callbacks.borrow_mut();
-        if queued.is_empty() {
-            *queued = callbacks;
-        }
+        debug_assert!(queued.is_empty(), "callbacks queued outside dispatch");
+        *queued = callbacks;
     }
 
     /// The time of this turn: read at the first call after the ring last
