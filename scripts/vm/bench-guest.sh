@@ -31,7 +31,12 @@
 # (target, reason), env.tsv (key, value), json/, logs/.
 # Environment: REPLBLK_BENCH_TOML, TOML appended to each replblk config
 # (start it with a table header, e.g. "[device]"); REPLBLK_BENCH_LOG_BYTES,
-# each replblk node's log size (default 64 MiB).
+# each replblk node's log size (default 64 MiB); REPLBLK_BENCH_PERF_S, when
+# set, profiles every job on every target: `perf record -a` (cpu-clock, no
+# call graphs: they cost TCG dearly) for that many seconds from 2 s after the ramp, the samples'
+# shares by thread and function written to perf/JOB.TARGET.txt, and by
+# thread alone to perf/JOB.TARGET.threads.txt. A profiled run's figures are
+# not comparable with an unprofiled one's.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -327,14 +332,43 @@ for t in $targets; do
 done
 say "setup took $((SECONDS - t0)) s"
 
+perf_s=${REPLBLK_BENCH_PERF_S:-}
+if [ -n "$perf_s" ]; then
+    [[ $perf_s =~ ^[0-9]+$ ]] && [ "$perf_s" -gt 0 ] && [ "$perf_s" -le "$runtime" ] \
+        || { say "REPLBLK_BENCH_PERF_S must be 1..runtime ($runtime), got $perf_s"; exit 2; }
+    command -v perf >/dev/null || { say "REPLBLK_BENCH_PERF_S: no perf"; exit 2; }
+    mkdir -p "$out/perf"
+fi
+# Records the whole guest while a job runs; the report is made afterwards.
+profile_start() { # job target
+    sleep $((ramp + 2))
+    perf record -q -a -e cpu-clock -o "$out/perf/$1.$2.data" -- sleep "$perf_s" \
+        > "$out/perf/$1.$2.record.log" 2>&1
+}
+profile_report() { # job target
+    local data="$out/perf/$1.$2.data"
+    [ -s "$data" ] || { say "perf: no samples for $1 on $2 (perf/$1.$2.record.log)"; return 0; }
+    perf report -i "$data" --stdio --no-children --percent-limit 0.01 \
+        --sort comm,dso,sym > "$out/perf/$1.$2.txt" 2>/dev/null || true
+    perf report -i "$data" --stdio --no-children --sort comm,pid \
+        > "$out/perf/$1.$2.threads.txt" 2>/dev/null || true
+    rm -f "$data"
+}
+
 failed=0 engine=()
 for job in $jobs; do
     for t in $targets; do
         [ -n "${dev_of[$t]:-}" ] || continue
         say "$job on $t (${dev_of[$t]})"
+        profiler=""
+        if [ -n "$perf_s" ]; then profile_start "$job" "$t" & profiler=$!; fi
         "$fio_run" "${dev_of[$t]}" --jobs "$job" --label "$t" --runtime "$runtime" \
             --ramp "$ramp" --size "$size" --json-dir "$out/json" --tsv "$out/rows.tsv" \
             "${engine[@]}" || failed=1
+        if [ -n "$profiler" ]; then
+            wait "$profiler" || true
+            profile_report "$job" "$t"
+        fi
         # The first run found out whether io_uring works; the others reuse it.
         if [ ${#engine[@]} = 0 ] && [ -s "$out/rows.tsv" ]; then
             engine=(--ioengine "$(tail -n 1 "$out/rows.tsv" | cut -f 7)")

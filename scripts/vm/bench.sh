@@ -40,6 +40,7 @@
 # Environment: REPLBLK_VM_MEM (default 4096 here: the guest's tmpfs holds
 # every target's files at once), the other REPLBLK_VM_* of run.sh, and
 # REPLBLK_BENCH_TOML, REPLBLK_BENCH_LOG_BYTES, REPLBLK_BENCH_PRIMARY_ARGS,
+# REPLBLK_BENCH_PERF_S (a profile of each run: perf/ in DIR),
 # passed to bench-guest.sh (see there).
 set -euo pipefail
 
@@ -163,7 +164,7 @@ if [ -n "$replblk_bin" ]; then replblk_rev="binaries from $replblk_bin"; fi
 
 export REPLBLK_VM_MEM=${REPLBLK_VM_MEM:-4096}
 envs=()
-for v in REPLBLK_BENCH_TOML REPLBLK_BENCH_LOG_BYTES REPLBLK_BENCH_PRIMARY_ARGS RUST_LOG; do
+for v in REPLBLK_BENCH_TOML REPLBLK_BENCH_LOG_BYTES REPLBLK_BENCH_PRIMARY_ARGS REPLBLK_BENCH_PERF_S RUST_LOG; do
     if [ -n "${!v:-}" ]; then envs+=(--env "$v=${!v}"); fi
 done
 say "guest run: $n_targets targets x $n_jobs jobs of ${runtime}+${ramp} s, timeout $timeout s; output in $out"
