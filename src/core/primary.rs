@@ -18,7 +18,10 @@
 //!   write and a flush complete only when fdatasync'd everywhere.
 //! - A slot is freed (and its payload dropped) only after it completed and
 //!   is all-acked, so a reconnecting secondary can always be re-sent what it
-//!   lacks while it is still a member.
+//!   lacks while it is still a member. Only a payload nobody can need any
+//!   more goes earlier: one written to the local copy whose set holds no
+//!   secondary (a volume without secondaries, or whose secondaries were all
+//!   dropped), so that its buffer goes back to the caller at completion.
 //! - The all-acked point passes an update only once the primary's own copy
 //!   has it too, so every update a secondary may clear from its log is in
 //!   every copy: a primary killed and restarted finds in the logs every
@@ -366,9 +369,20 @@ struct Slot<P> {
     offset_bytes: u64,
     length_bytes: u32,
     fua: bool,
-    payload: P,
+    /// `None` once no one can need it (see the module doc).
+    payload: Option<P>,
     local: LocalState,
     completed: bool,
+}
+
+impl<P: Clone> Slot<P> {
+    /// The payload, for a local write or a send, both of which the core
+    /// emits only while it is held.
+    fn payload(&self) -> P {
+        self.payload
+            .clone()
+            .expect("a payload dropped while a write or a send still needed it")
+    }
 }
 
 impl<P> Slot<P> {
@@ -860,7 +874,7 @@ impl<P: Clone> Primary<P> {
             offset_bytes,
             length_bytes,
             fua,
-            payload: payload.clone(),
+            payload: Some(payload.clone()),
             local: if blocked {
                 LocalState::Blocked
             } else {
@@ -951,7 +965,7 @@ impl<P: Clone> Primary<P> {
             offset_bytes: slot.offset_bytes,
             fua: slot.fua,
             all_acked_seq: self.all_acked_seq,
-            payload: slot.payload.clone(),
+            payload: slot.payload(),
         };
         if slot.fua {
             self.members[member].fua_sent_seq = seq;
@@ -1001,9 +1015,13 @@ impl<P: Clone> Primary<P> {
             self.fail(format!("local write of seq {seq} failed: {reason}"));
             return;
         }
+        let no_secondary = self.tracker.set_mask(seq) == 0;
         let slot = self.slot_mut(seq).expect("local write of a live slot");
         assert_eq!(slot.local, LocalState::Writing, "seq {seq} written twice");
         slot.local = LocalState::Written;
+        if no_secondary {
+            slot.payload = None;
+        }
         let (offset_bytes, length_bytes) = (slot.offset_bytes, slot.length_bytes);
         self.unblock_after(seq, offset_bytes, length_bytes);
         // Only this write's own state changed: no other write can have
@@ -1029,7 +1047,7 @@ impl<P: Clone> Primary<P> {
                 self.actions.push_back(Action::LocalWrite {
                     seq: self.window_start_seq + index as u64,
                     offset_bytes: slot.offset_bytes,
-                    payload: slot.payload.clone(),
+                    payload: slot.payload(),
                 });
             }
         }
@@ -2465,6 +2483,52 @@ mod tests {
         primary.handle_timeout(600);
         let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
         assert_dropped_and_completed(&actions, 1, 1);
+    }
+
+    #[test]
+    fn a_payload_no_secondary_needs_goes_back_once_written_locally() {
+        use std::rc::Rc;
+        for secondaries in [0usize, 1] {
+            let rings = vec![1u64 << 20; secondaries];
+            let mut primary: Primary<Rc<u64>> =
+                Primary::new(sim_limits(), sim_geometry(), &rings, 1, 1, 0);
+            let payloads: Vec<Rc<u64>> = (1..=2).map(Rc::new).collect();
+            for (id, payload) in (1u64..).zip(&payloads) {
+                let offset_bytes = id * BLOCK;
+                primary
+                    .submit_write(id, offset_bytes, BLOCK as u32, false, payload.clone(), 0)
+                    .unwrap();
+            }
+            // Each local write holds its payload while it runs.
+            let writes: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
+            assert_eq!(writes.len(), 2, "{writes:?}");
+            drop(writes);
+            // The later write finishes first: seq 1 keeps the window from
+            // retiring it.
+            primary.local_write_done(2, Ok(()), 0);
+            let held = Rc::strong_count(&payloads[1]) - 1;
+            if secondaries == 0 {
+                assert_eq!(held, 0, "nobody can need it: dropped at once");
+                let actions: Vec<_> = std::iter::from_fn(|| primary.poll_action()).collect();
+                assert!(
+                    matches!(
+                        actions[..],
+                        [Action::Complete {
+                            id: 2,
+                            result: Ok(())
+                        }]
+                    ),
+                    "{actions:?}"
+                );
+            } else {
+                assert_eq!(held, 1, "kept for the secondary, which has not had it");
+            }
+            assert_eq!(
+                Rc::strong_count(&payloads[0]) - 1,
+                1,
+                "seq 1 still in flight"
+            );
+        }
     }
 
     #[test]

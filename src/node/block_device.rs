@@ -59,17 +59,27 @@ fn open_for_reads(config: &Config, node_id: u32) -> Result<Arc<File>, NodeError>
     Ok(Arc::new(data))
 }
 
-/// Buffers of one queue whose payloads the engine still held when their
-/// tag moved on; taken back once the engine let go.
-type Pool = Rc<RefCell<Vec<Arc<AlignedBuf>>>>;
+/// The request buffers of one queue's thread that its tags moved away
+/// from while the engine still held them as payloads; taken back once the
+/// engine lets go.
+#[derive(Default)]
+struct BufferPool {
+    buffers: Vec<Arc<AlignedBuf>>,
+    /// Most buffers kept that the engine has let go of: one per tag
+    /// living on this thread. The engine lets payloads go in seq order, so at
+    /// depth 32 they come back in bursts; a smaller cap freed part of each
+    /// burst and allocated afresh moments later, and the kernel's first
+    /// copy into a fresh buffer faults its pages in (BENCHMARKS.md, "the
+    /// tags' buffers kept"). A burst of writes the engine held on to (a
+    /// slow secondary) thus pins at most a queue depth of `io_max_bytes`
+    /// buffers, as many as the tags themselves.
+    idle_max: usize,
+}
 
-/// Most buffers a queue's pool keeps that the engine has let go of: the
-/// rest are freed, so that a burst of writes the engine held on to (a slow
-/// secondary) does not pin `io_max_bytes` each for the daemon's lifetime.
-const POOL_IDLE_BUFFERS_MAX: usize = 8;
+type Pool = Rc<RefCell<BufferPool>>;
 
 thread_local! {
-    static POOL: Pool = Rc::new(RefCell::new(Vec::new()));
+    static POOL: Pool = Rc::default();
 }
 
 /// One tag's request buffer.
@@ -79,6 +89,16 @@ pub struct TagBuffer {
 }
 
 impl TagBuffer {
+    /// A tag's buffer of `capacity_bytes`, whose pool keeps one more idle
+    /// buffer while it lives.
+    fn new(capacity_bytes: usize, pool: Pool) -> TagBuffer {
+        pool.borrow_mut().idle_max += 1;
+        TagBuffer {
+            buf: Arc::new(AlignedBuf::zeroed(capacity_bytes)),
+            pool,
+        }
+    }
+
     /// Gives the current memory to a write's payload if it is still shared
     /// afterwards, takes a free one from the pool (or a new one).
     fn release_if_shared(&mut self) {
@@ -87,20 +107,27 @@ impl TagBuffer {
         }
         let capacity = self.buf.len();
         let mut pool = self.pool.borrow_mut();
-        let free = pool
+        let BufferPool { buffers, idle_max } = &mut *pool;
+        let free = buffers
             .iter()
             .position(|buf| Arc::strong_count(buf) == 1 && buf.len() == capacity);
         let fresh = match free {
-            Some(index) => pool.swap_remove(index),
+            Some(index) => buffers.swap_remove(index),
             None => Arc::new(AlignedBuf::zeroed(capacity)),
         };
-        pool.push(std::mem::replace(&mut self.buf, fresh));
+        buffers.push(std::mem::replace(&mut self.buf, fresh));
         let mut idle = 0;
-        pool.retain(|buf| {
+        buffers.retain(|buf| {
             let unshared = Arc::strong_count(buf) == 1;
             idle += usize::from(unshared);
-            !unshared || idle <= POOL_IDLE_BUFFERS_MAX
+            !unshared || idle <= *idle_max
         });
+    }
+}
+
+impl Drop for TagBuffer {
+    fn drop(&mut self) {
+        self.pool.borrow_mut().idle_max -= 1;
     }
 }
 
@@ -133,10 +160,7 @@ impl<V: Replicate> Target for VolumeTarget<V> {
     type Buffer = TagBuffer;
 
     fn new_buffer(&self, capacity_bytes: usize) -> TagBuffer {
-        TagBuffer {
-            buf: Arc::new(AlignedBuf::zeroed(capacity_bytes)),
-            pool: POOL.with(Rc::clone),
-        }
+        TagBuffer::new(capacity_bytes, POOL.with(Rc::clone))
     }
 
     async fn read(
@@ -581,11 +605,13 @@ mod tests {
 
     #[test]
     fn the_pool_reuses_released_buffers_and_frees_idle_ones_past_its_cap() {
-        let pool: Pool = Rc::new(RefCell::new(Vec::new()));
-        let mut tag = TagBuffer {
-            buf: Arc::new(AlignedBuf::zeroed(4096)),
-            pool: pool.clone(),
-        };
+        // A queue of 8 tags: its pool keeps up to 8 idle buffers.
+        let idle_max = 8;
+        let pool = Pool::default();
+        let mut tag = TagBuffer::new(4096, pool.clone());
+        let _other_tags: Vec<TagBuffer> = (1..idle_max)
+            .map(|_| TagBuffer::new(4096, pool.clone()))
+            .collect();
         // The engine holds on to 20 payloads in a row: each time the tag
         // moves to a buffer of its own.
         let mut held = Vec::new();
@@ -594,7 +620,7 @@ mod tests {
             tag.release_if_shared();
             assert_eq!(Arc::strong_count(&tag.buf), 1);
         }
-        assert_eq!(pool.borrow().len(), 20);
+        assert_eq!(pool.borrow().buffers.len(), 20);
         // Nothing held: no new buffer, the tag keeps its memory.
         let before = Arc::as_ptr(&tag.buf);
         tag.release_if_shared();
@@ -611,11 +637,12 @@ mod tests {
         );
         let pool = pool.borrow();
         let idle = pool
+            .buffers
             .iter()
             .filter(|buf| Arc::strong_count(buf) == 1)
             .count();
-        assert_eq!(idle, POOL_IDLE_BUFFERS_MAX);
-        assert_eq!(pool.len(), POOL_IDLE_BUFFERS_MAX + 1, "the held one stays");
+        assert_eq!(idle, idle_max);
+        assert_eq!(pool.buffers.len(), idle_max + 1, "the held one stays");
     }
 
     fn plan_of(device_id: Option<u32>, recover: bool) -> DevicePlan {
