@@ -379,6 +379,64 @@ fn a_secondary_killed_mid_run_and_restarted_ends_identical() {
     finish(cluster, volume, &writes);
 }
 
+/// Secondaries whose files are on tmpfs write their log records on their
+/// own thread, not through io_uring (`LogFile::is_in_memory`): the same
+/// guarantees through that path, with a log small enough to wrap again and
+/// again and a secondary killed mid-run, whose recovery scan then reads
+/// records written that way.
+#[test]
+fn secondaries_with_their_logs_on_tmpfs_write_them_themselves_and_lose_nothing() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let shm = tempfile::tempdir_in("/dev/shm").expect("a directory on /dev/shm, a tmpfs");
+    let mut cluster = LocalCluster::create_split(
+        dir.path(),
+        Some(shm.path()),
+        Path::new(env!("CARGO_BIN_EXE_replblkd")),
+        2,
+        VOLUME_BYTES,
+        replblk::wal::LOG_SIZE_MIN_BYTES,
+        &replication(),
+    )
+    .expect("cluster created");
+    cluster.start_secondaries().expect("secondaries started");
+    let cluster = Mutex::new(cluster);
+    let volume = Arc::new(
+        Volume::start(cluster.lock().unwrap().config(), PRIMARY_NODE_ID).expect("primary starts"),
+    );
+    let writes = plan(0x5EED_0007, WRITES / 5);
+    let victim = cluster.lock().unwrap().secondary_ids()[0];
+    std::thread::scope(|scope| {
+        let cluster = &cluster;
+        let mut restarter = None;
+        run_workload(volume.clone(), &writes, || {
+            cluster.lock().unwrap().kill_secondary(victim);
+            restarter = Some(scope.spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                cluster.lock().unwrap().start_secondary(victim)
+            }));
+        });
+        restarter
+            .expect("the kill ran")
+            .join()
+            .unwrap()
+            .expect("the killed secondary restarts");
+    });
+    let cluster = cluster.into_inner().unwrap();
+    for id in cluster.secondary_ids() {
+        let output = cluster.output(id);
+        assert!(
+            output.contains("the log is on tmpfs"),
+            "secondary {id} writes its log records itself: {output}"
+        );
+    }
+    assert!(
+        cluster.output(victim).contains("log recovered"),
+        "the restarted secondary ran its recovery scan: {}",
+        cluster.output(victim)
+    );
+    finish(cluster, volume, &writes);
+}
+
 #[test]
 fn a_stuck_secondary_delays_writes_by_at_most_the_two_timeouts_then_is_dropped() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();

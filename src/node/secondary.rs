@@ -47,6 +47,9 @@ struct Node {
     core: RefCell<Secondary<RecordRef>>,
     log: RefCell<LogFile>,
     log_direct: Rc<compio::fs::File>,
+    /// Whether records are written on this thread rather than through the
+    /// ring: when the log is on tmpfs (see `LogFile::is_in_memory`).
+    log_in_memory: bool,
     /// The copy, for its fdatasyncs on the ring.
     copy: Rc<compio::fs::File>,
     /// The same copy, for the applies this thread writes itself (see
@@ -97,6 +100,13 @@ pub fn run(config: &Config, node_id: u32, stop: Arc<Notify>) -> Result<(), NodeE
     let log_direct = log
         .direct_file()
         .map_err(|source| NodeError::io(&node.log_path, "opening the log", source))?;
+    let log_in_memory = log.is_in_memory()?;
+    if log_in_memory {
+        tracing::info!(
+            log = %node.log_path.display(),
+            "the log is on tmpfs: its records are written on this thread (io_uring would hand each to a worker thread)"
+        );
+    }
     let copy_writer = copy
         .try_clone()
         .map_err(|source| NodeError::io(&node.data_path, "opening the copy", source))?;
@@ -114,6 +124,7 @@ pub fn run(config: &Config, node_id: u32, stop: Arc<Notify>) -> Result<(), NodeE
             core: RefCell::new(Secondary::new(limits, position, &recovered, 0)),
             log: RefCell::new(log),
             log_direct: Rc::new(log_direct),
+            log_in_memory,
             copy: Rc::new(copy),
             copy_writer,
             records: BufPool::new(POOL_IDLE_BYTES_MAX),
@@ -857,6 +868,17 @@ impl Node {
         ring_len: u64,
     ) -> std::io::Result<()> {
         let ring_offset = batch[0].1;
+        if self.log_in_memory {
+            let records: Vec<&[u8]> = batch
+                .iter()
+                .map(|(_, _, record)| record.as_slice())
+                .collect();
+            return self
+                .log
+                .borrow()
+                .write_records_blocking(ring_offset, &records)
+                .map_err(std::io::Error::other);
+        }
         let file_offset = LogFile::ring_file_offset(ring_offset);
         if batch.len() == 1 {
             let record = batch.into_iter().next().expect("one record").2;

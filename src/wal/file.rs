@@ -354,26 +354,67 @@ impl LogFile {
         ring_offset: u64,
         record: &AlignedBuf,
     ) -> Result<(), WalError> {
+        self.write_records_blocking(ring_offset, &[record.as_slice()])
+    }
+
+    /// Writes records adjacent in the ring, from `ring_offset` on, with
+    /// vectored writes on the calling thread. Only a lone record may wrap
+    /// past the end of the ring (it is split there); each record is page
+    /// padded and page aligned in memory, as O_DIRECT asks. Not durable
+    /// until [`LogFile::sync_blocking`].
+    pub fn write_records_blocking(
+        &self,
+        ring_offset: u64,
+        records: &[&[u8]],
+    ) -> Result<(), WalError> {
         self.check_not_failed()?;
         let ring_len = self.header.ring_len_bytes();
-        let size = record.len() as u64;
+        let size: u64 = records.iter().map(|record| record.len() as u64).sum();
         assert!(
-            size.is_multiple_of(LOG_ALIGN_BYTES),
-            "record of {size} bytes is not page padded"
+            records
+                .iter()
+                .all(|record| (record.len() as u64).is_multiple_of(LOG_ALIGN_BYTES)),
+            "a record that is not page padded"
         );
         assert!(ring_offset.is_multiple_of(LOG_ALIGN_BYTES) && ring_offset < ring_len);
         let (first, second) = split_at_wrap(ring_offset, size, ring_len);
-        let (head, tail) = record.as_slice().split_at(first as usize);
-        let mut result = self
-            .direct
-            .write_all_at(head, LogFile::ring_file_offset(ring_offset));
-        if result.is_ok() && second > 0 {
-            result = self.direct.write_all_at(tail, LogFile::ring_file_offset(0));
-        }
+        assert!(
+            second == 0 || records.len() == 1,
+            "only a lone record may wrap"
+        );
+        let result = if second == 0 {
+            write_all_vectored_at(
+                &self.direct,
+                records,
+                LogFile::ring_file_offset(ring_offset),
+            )
+        } else {
+            let (head, tail) = records[0].split_at(first as usize);
+            self.direct
+                .write_all_at(head, LogFile::ring_file_offset(ring_offset))
+                .and_then(|()| self.direct.write_all_at(tail, LogFile::ring_file_offset(0)))
+        };
         result.map_err(|e| {
             self.failed.store(true, Ordering::Relaxed);
-            WalError::io(&self.path, "writing a record", e)
+            WalError::io(&self.path, "writing records", e)
         })
+    }
+
+    /// Whether the log lives on tmpfs, a filesystem held in memory. A
+    /// write there is a copy into the page cache that never
+    /// waits on a device, and one io_uring has no non-blocking path for:
+    /// it hands each to a worker thread, two thread wake-ups per record
+    /// that cost more than the copy (BENCHMARKS.md, "Log records written
+    /// on the secondary's thread").
+    pub fn is_in_memory(&self) -> Result<bool, WalError> {
+        let stat = nix::sys::statfs::fstatfs(&self.direct).map_err(|errno| {
+            WalError::io(
+                &self.path,
+                "asking which filesystem holds the log",
+                errno.into(),
+            )
+        })?;
+        Ok(stat.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
     }
 
     /// fdatasync of the ring: afterwards every completed record write is
@@ -394,6 +435,28 @@ impl LogFile {
         }
         Ok(())
     }
+}
+
+/// `pwritev` of every byte of `pieces` at `offset`, however the kernel
+/// splits it.
+fn write_all_vectored_at(file: &File, pieces: &[&[u8]], mut offset: u64) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> =
+        pieces.iter().map(|piece| io::IoSlice::new(piece)).collect();
+    let mut left: &mut [io::IoSlice<'_>] = &mut slices;
+    while !left.is_empty() {
+        let offset_signed =
+            i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        match nix::sys::uio::pwritev(file, left, offset_signed) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(written) => {
+                offset += written as u64;
+                io::IoSlice::advance_slices(&mut left, written);
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Maps the header page (the first [`LOG_HEADER_SIZE_BYTES`] of the file)
@@ -559,6 +622,32 @@ mod tests {
         })
         .unwrap();
         (outcome, seen)
+    }
+
+    #[test]
+    fn records_written_together_read_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = new_log(&dir);
+        let records: Vec<AlignedBuf> = [(1u64, 4096u32), (2, 100), (3, 3 * 4096)]
+            .into_iter()
+            .map(|(seq, len)| {
+                let header = RecordHeader {
+                    seq,
+                    epoch: EPOCH,
+                    offset_bytes: seq * 512,
+                    length_bytes: len,
+                    flags: 0,
+                };
+                build_record(&header, &payload(seq, len))
+            })
+            .collect();
+        let slices: Vec<&[u8]> = records.iter().map(AlignedBuf::as_slice).collect();
+        log.write_records_blocking(0, &slices).unwrap();
+        let (outcome, seen) = scan_all(&log);
+        assert_eq!(seen, vec![(1, 4096), (2, 100), (3, 3 * 4096)]);
+        let end: u64 = records.iter().map(|record| record.len() as u64).sum();
+        assert_eq!(outcome.next_seq, 4);
+        assert_eq!(outcome.tail_offset, end);
     }
 
     #[test]
