@@ -401,11 +401,11 @@ impl LogFile {
     }
 
     /// Whether the log lives on tmpfs, a filesystem held in memory. A
-    /// write there is a copy into the page cache that never
-    /// waits on a device, and one io_uring has no non-blocking path for:
-    /// it hands each to a worker thread, two thread wake-ups per record
-    /// that cost more than the copy (BENCHMARKS.md, "Log records written
-    /// on the secondary's thread").
+    /// write there is a copy into memory that waits on no device (unless
+    /// the machine has to swap to find the memory), and one io_uring has
+    /// no non-blocking path for: it hands each to a worker thread, two
+    /// thread wake-ups per record that cost more than the copy
+    /// (BENCHMARKS.md, "Log records written on the secondary's thread").
     pub fn is_in_memory(&self) -> Result<bool, WalError> {
         let stat = nix::sys::statfs::fstatfs(&self.direct).map_err(|errno| {
             WalError::io(
