@@ -437,6 +437,9 @@ impl LogFile {
     }
 }
 
+/// Most pieces one `pwritev` takes: Linux's `UIO_MAXIOV`.
+const VECTORED_WRITE_PIECES_MAX: usize = 1024;
+
 /// `pwritev` of every byte of `pieces` at `offset`, however the kernel
 /// splits it.
 fn write_all_vectored_at(file: &File, pieces: &[&[u8]], mut offset: u64) -> io::Result<()> {
@@ -446,7 +449,8 @@ fn write_all_vectored_at(file: &File, pieces: &[&[u8]], mut offset: u64) -> io::
     while !left.is_empty() {
         let offset_signed =
             i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        match nix::sys::uio::pwritev(file, left, offset_signed) {
+        let count = left.len().min(VECTORED_WRITE_PIECES_MAX);
+        match nix::sys::uio::pwritev(file, &left[..count], offset_signed) {
             Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
             Ok(written) => {
                 offset += written as u64;
@@ -648,6 +652,30 @@ mod tests {
         let end: u64 = records.iter().map(|record| record.len() as u64).sum();
         assert_eq!(outcome.next_seq, 4);
         assert_eq!(outcome.tail_offset, end);
+    }
+
+    #[test]
+    fn more_records_at_once_than_one_vectored_write_takes() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogFile::create(dir.path().join("log"), UUID, NODE, 8 << 20, EPOCH).unwrap();
+        let count = VECTORED_WRITE_PIECES_MAX as u64 + 100;
+        let records: Vec<AlignedBuf> = (1..=count)
+            .map(|seq| {
+                let header = RecordHeader {
+                    seq,
+                    epoch: EPOCH,
+                    offset_bytes: seq * 512,
+                    length_bytes: 100,
+                    flags: 0,
+                };
+                build_record(&header, &payload(seq, 100))
+            })
+            .collect();
+        let slices: Vec<&[u8]> = records.iter().map(AlignedBuf::as_slice).collect();
+        log.write_records_blocking(0, &slices).unwrap();
+        let (outcome, seen) = scan_all(&log);
+        assert_eq!(seen.len() as u64, count);
+        assert_eq!(outcome.next_seq, count + 1);
     }
 
     #[test]
