@@ -106,17 +106,21 @@ fn replication() -> ReplicationConfig {
 }
 
 fn cluster(dir: &Path, secondaries: usize) -> LocalCluster {
-    cluster_with(dir, secondaries, LOG_BYTES, &replication())
+    cluster_with(dir, None, secondaries, LOG_BYTES, &replication())
 }
 
+/// A cluster with its secondaries started; their files under
+/// `secondary_dir` if given, else under `dir` with the primary's.
 fn cluster_with(
     dir: &Path,
+    secondary_dir: Option<&Path>,
     secondaries: usize,
     log_bytes: u64,
     replication: &ReplicationConfig,
 ) -> LocalCluster {
-    let mut cluster = LocalCluster::create(
+    let mut cluster = LocalCluster::create_split(
         dir,
+        secondary_dir,
         Path::new(env!("CARGO_BIN_EXE_replblkd")),
         secondaries,
         VOLUME_BYTES,
@@ -397,18 +401,13 @@ fn run_workload_killing(
 fn secondaries_with_their_logs_on_tmpfs_write_them_themselves_and_lose_nothing() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let shm = tempfile::tempdir_in("/dev/shm").expect("a directory on /dev/shm, a tmpfs");
-    let mut cluster = LocalCluster::create_split(
+    let cluster = Mutex::new(cluster_with(
         dir.path(),
         Some(shm.path()),
-        Path::new(env!("CARGO_BIN_EXE_replblkd")),
         2,
-        VOLUME_BYTES,
         replblk::wal::LOG_SIZE_MIN_BYTES,
         &replication(),
-    )
-    .expect("cluster created");
-    cluster.start_secondaries().expect("secondaries started");
-    let cluster = Mutex::new(cluster);
+    ));
     let volume = Arc::new(
         Volume::start(cluster.lock().unwrap().config(), PRIMARY_NODE_ID).expect("primary starts"),
     );
@@ -417,10 +416,13 @@ fn secondaries_with_their_logs_on_tmpfs_write_them_themselves_and_lose_nothing()
     run_workload_killing(&volume, &writes, &cluster, victim);
     let cluster = cluster.into_inner().unwrap();
     for id in cluster.secondary_ids() {
-        let output = cluster.output(id);
+        // The whole output: the line comes at start-up, and `output` keeps
+        // only the tail.
+        let output = std::fs::read_to_string(cluster.output_path(id)).unwrap_or_default();
         assert!(
             output.contains("the log is on tmpfs"),
-            "secondary {id} writes its log records itself: {output}"
+            "secondary {id} writes its log records itself: {}",
+            cluster.output(id)
         );
     }
     finish(cluster, volume, &writes);
@@ -434,7 +436,7 @@ fn a_stuck_secondary_delays_writes_by_at_most_the_two_timeouts_then_is_dropped()
         member_timeout_ms: 700,
         ..replication()
     };
-    let cluster = cluster_with(dir.path(), 2, LOG_BYTES, &replication);
+    let cluster = cluster_with(dir.path(), None, 2, LOG_BYTES, &replication);
     let volume =
         Arc::new(Volume::start(cluster.config(), PRIMARY_NODE_ID).expect("primary starts"));
     let writes = plan(0x5EED_0007, WRITES / 5);
@@ -539,6 +541,7 @@ fn a_log_smaller_than_the_writes_in_flight_holds_them_back_and_loses_nothing() {
     // stop reading until their start-of-log pointer moves.
     let cluster = cluster_with(
         dir.path(),
+        None,
         2,
         replblk::wal::LOG_SIZE_MIN_BYTES,
         &replication(),
@@ -645,6 +648,6 @@ fn sync_every_ack_replicates_identically() {
         sync_every_ack: true,
         ..replication()
     };
-    let cluster = cluster_with(dir.path(), 2, LOG_BYTES, &replication);
+    let cluster = cluster_with(dir.path(), None, 2, LOG_BYTES, &replication);
     replicate_on(cluster, 0x5EED_0006, WRITES / 5);
 }

@@ -69,8 +69,8 @@ struct BufferPool {
     /// living on this thread. The engine lets payloads go in seq order, so at
     /// depth 32 they come back in bursts; a smaller cap freed part of each
     /// burst and allocated afresh moments later, and the kernel's first
-    /// copy into a fresh buffer faults its pages in (BENCHMARKS.md, "the
-    /// tags' buffers kept"). A burst of writes the engine held on to (a
+    /// copy into a fresh buffer faults its pages in (BENCHMARKS.md, "Session
+    /// 12 (2026-12-06): a profile per job, and the tags' buffers kept"). A burst of writes the engine held on to (a
     /// slow secondary) thus pins at most a queue depth of `io_max_bytes`
     /// buffers, as many as the tags themselves.
     idle_max: usize,
