@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Three workloads (4 KiB random writes at queue depth 1 and 32, 1 MiB
-//! sequential writes at queue depth 4) run against four targets:
+//! sequential writes at queue depth 4; `--workloads` picks some) run
+//! against four targets:
 //!
 //! - `local`: a 1 GiB file opened with O_DIRECT, written through io_uring
 //!   (no fdatasync, as a volume write completes without one too);
@@ -129,12 +130,26 @@ struct Cli {
     /// the filesystem allocates blocks during the workloads.
     #[arg(long)]
     prefill: bool,
+    /// Workloads to run (comma-separated): `qd1` (4 KiB random, queue depth
+    /// 1), `qd32` (4 KiB random, queue depth 32), `seq` (1 MiB sequential).
+    /// Targets of workloads not run are not reported.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [WorkloadKey::Qd1, WorkloadKey::Qd32, WorkloadKey::Seq])]
+    workloads: Vec<WorkloadKey>,
+}
+
+/// A workload as named on the command line.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum WorkloadKey {
+    Qd1,
+    Qd32,
+    Seq,
 }
 
 /// How each volume is run (from the command line).
 #[derive(Clone, Copy)]
 struct VolumeOptions {
     seconds: u64,
+    workloads: Workloads,
     caller: Caller,
     log_bytes: u64,
     prefill: bool,
@@ -179,6 +194,7 @@ enum Pattern {
 }
 
 struct Workload {
+    key: WorkloadKey,
     name: &'static str,
     block_bytes: u64,
     queue_depth: usize,
@@ -188,6 +204,7 @@ struct Workload {
 
 static WORKLOADS: [Workload; 3] = [
     Workload {
+        key: WorkloadKey::Qd1,
         name: "4 KiB random write, QD1",
         block_bytes: 4096,
         queue_depth: 1,
@@ -195,6 +212,7 @@ static WORKLOADS: [Workload; 3] = [
         seed: 0x5EED_0001,
     },
     Workload {
+        key: WorkloadKey::Qd32,
         name: "4 KiB random write, QD32",
         block_bytes: 4096,
         queue_depth: 32,
@@ -202,6 +220,7 @@ static WORKLOADS: [Workload; 3] = [
         seed: 0x5EED_0032,
     },
     Workload {
+        key: WorkloadKey::Seq,
         name: "1 MiB sequential write, QD4",
         block_bytes: 1 << 20,
         queue_depth: 4,
@@ -212,6 +231,16 @@ static WORKLOADS: [Workload; 3] = [
 const QD1: usize = 0;
 const QD32: usize = 1;
 const SEQ: usize = 2;
+
+/// The workloads chosen on the command line.
+#[derive(Clone, Copy)]
+struct Workloads(&'static [WorkloadKey]);
+
+impl Workloads {
+    fn includes(self, workload: &Workload) -> bool {
+        self.0.contains(&workload.key)
+    }
+}
 
 /// What one workload measured on one target.
 #[derive(Clone, Copy)]
@@ -225,11 +254,12 @@ struct Measured {
 /// One target's figures, one per workload.
 struct TargetResult {
     name: String,
-    measured: Vec<Measured>,
+    /// Per workload of [`WORKLOADS`]; `None` for one not run.
+    measured: Vec<Option<Measured>>,
     /// For a volume with secondaries, per workload: how often and how long
     /// (ms) a secondary's log held the stream back, summed over the
     /// secondaries, warm-up and the flush after included. Empty otherwise.
-    log_full: Vec<(u64, u64)>,
+    log_full: Vec<Option<(u64, u64)>>,
 }
 
 /// Something the workloads write to.
@@ -439,6 +469,7 @@ fn progress(target: &str, workload: &Workload, measured: &Measured) {
 fn bench_local(
     dir: &Path,
     seconds: u64,
+    workloads: Workloads,
     fill: bool,
     interrupted: &'static AtomicBool,
 ) -> anyhow::Result<TargetResult> {
@@ -461,6 +492,10 @@ fn bench_local(
         let file = Rc::new(LocalFile(replblk::ring::io::File::from_std(file)));
         let mut measured = Vec::new();
         for workload in &WORKLOADS {
+            if !workloads.includes(workload) {
+                measured.push(None);
+                continue;
+            }
             let result = run_workload(
                 file.clone(),
                 workload,
@@ -470,7 +505,7 @@ fn bench_local(
             )
             .await?;
             progress("local", workload, &result);
-            measured.push(result);
+            measured.push(Some(result));
             file.0
                 .sync_data()
                 .await
@@ -499,6 +534,7 @@ fn bench_volume(
 ) -> anyhow::Result<TargetResult> {
     let VolumeOptions {
         seconds,
+        workloads,
         caller,
         log_bytes,
         prefill: fill,
@@ -542,6 +578,13 @@ fn bench_volume(
     let mut log_full = Vec::new();
     let mut log_full_before = (0, 0);
     for workload in &WORKLOADS {
+        if !workloads.includes(workload) {
+            measured.push(None);
+            if secondaries > 0 {
+                log_full.push(None);
+            }
+            continue;
+        }
         let result = match caller {
             Caller::Thread => runtime.block_on(run_workload(
                 target.clone(),
@@ -574,7 +617,7 @@ fn bench_volume(
             }
         };
         progress(&name, workload, &result);
-        measured.push(result);
+        measured.push(Some(result));
         let status = runtime
             .block_on(async {
                 volume.flush().await?;
@@ -591,7 +634,10 @@ fn bench_volume(
                     ms + member.stats.log_full_wait_ms,
                 )
             });
-            log_full.push((total.0 - log_full_before.0, total.1 - log_full_before.1));
+            log_full.push(Some((
+                total.0 - log_full_before.0,
+                total.1 - log_full_before.1,
+            )));
             log_full_before = total;
         }
     }
@@ -826,9 +872,13 @@ fn rows(results: &[TargetResult]) -> Vec<[String; 9]> {
     let local = &results[0];
     let mut rows = Vec::new();
     for (index, workload) in WORKLOADS.iter().enumerate() {
-        let base = &local.measured[index];
+        let Some(base) = &local.measured[index] else {
+            continue;
+        };
         for result in results {
-            let m = &result.measured[index];
+            let Some(m) = &result.measured[index] else {
+                continue;
+            };
             rows.push([
                 workload.name.to_owned(),
                 result.name.clone(),
@@ -903,16 +953,23 @@ fn goal_lines(results: &[TargetResult]) -> Vec<String> {
     };
     GOALS
         .iter()
-        .map(|goal| {
-            let (measured, met) =
-                (goal.achieved)(&two.measured[goal.workload], &local.measured[goal.workload]);
-            format!(
+        .filter_map(|goal| {
+            let (measured, met) = goal_ratio(goal, two, local)?;
+            Some(format!(
                 "{}: measured {measured:.2}x, {}",
                 goal.text,
                 if met { "met" } else { "missed" }
-            )
+            ))
         })
         .collect()
+}
+
+/// `goal`'s ratio and whether it was met, if its workload ran.
+fn goal_ratio(goal: &Goal, two: &TargetResult, local: &TargetResult) -> Option<(f64, bool)> {
+    Some((goal.achieved)(
+        two.measured[goal.workload].as_ref()?,
+        local.measured[goal.workload].as_ref()?,
+    ))
 }
 
 /// `text` with its first letter in upper case.
@@ -933,7 +990,10 @@ fn log_full_lines(results: &[TargetResult]) -> Vec<String> {
             let workloads: Vec<String> = WORKLOADS
                 .iter()
                 .zip(&result.log_full)
-                .map(|(workload, (waits, ms))| format!("{}: {waits} ({ms} ms)", workload.name))
+                .filter_map(|(workload, waits)| {
+                    let (waits, ms) = (*waits)?;
+                    Some(format!("{}: {waits} ({ms} ms)", workload.name))
+                })
                 .collect();
             format!("{}: {}", result.name, workloads.join("; "))
         })
@@ -1014,6 +1074,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!("secondaries' files under {}", dir.path.display());
     }
 
+    let workloads = Workloads(Vec::leak(cli.workloads.clone()));
     let started = Instant::now();
     let mut rounds = Vec::new();
     for round in 1..=cli.rounds {
@@ -1024,6 +1085,7 @@ fn main() -> anyhow::Result<()> {
         let mut results = vec![bench_local(
             &run_dir.path,
             cli.seconds,
+            workloads,
             cli.prefill,
             interrupted,
         )?];
@@ -1038,6 +1100,7 @@ fn main() -> anyhow::Result<()> {
                 usize::from(secondaries),
                 VolumeOptions {
                     seconds: cli.seconds,
+                    workloads,
                     caller: cli.caller,
                     log_bytes: cli.log_mib << 20,
                     prefill: cli.prefill,
@@ -1162,10 +1225,7 @@ fn summary_lines(rounds: &[(String, Vec<TargetResult>)]) -> Vec<String> {
                 .filter_map(|(_, results)| {
                     let local = &results[0];
                     let two = results.iter().find(|r| r.name == "replblk-2")?;
-                    Some((goal.achieved)(
-                        &two.measured[goal.workload],
-                        &local.measured[goal.workload],
-                    ))
+                    goal_ratio(goal, two, local)
                 })
                 .collect();
             if ratios.is_empty() {
