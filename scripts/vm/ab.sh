@@ -8,30 +8,33 @@
 # machines this runs on are shared and noisy (docs/BENCHMARKS.md).
 #
 # Usage: scripts/vm/ab.sh [--rounds N] [--jobs "JOB..."] [--target T]
-#            [--runtime S] [--out DIR] NAME=BINDIR NAME=BINDIR...
+#            [--runtime S] [--backing B] [--out DIR] NAME=BINDIR...
 #   NAME=BINDIR   a build: a directory holding its replblkd and replblk-ctl
 #                 (e.g. a copy of target/release of some commit)
 #   --rounds N    boots per build (default 3)
 #   --jobs        fio jobs (default "randwrite-qd1 randwrite-qd32")
 #   --target T    the replblk target compared (default replblk-0)
 #   --runtime S   measured seconds per job (default 15)
+#   --backing B   where the guest keeps the backing files: tmpfs (default)
+#                 or ext4-ram (see bench.sh)
 #   --out DIR     keep every boot's results here (default
 #                 target/vm-ab/DATE-TIME)
 # Takes about (runtime + ramp) x 2 x jobs + 40 s per boot.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-rounds=3 jobs="randwrite-qd1 randwrite-qd32" target=replblk-0 runtime=15 out=""
+rounds=3 jobs="randwrite-qd1 randwrite-qd32" target=replblk-0 runtime=15 backing=tmpfs out=""
 builds=()
 say() { echo "ab.sh: $*" >&2; }
 die() { say "error: $*"; exit 1; }
-usage() { sed -n '2,20p' "$0" >&2; exit 2; }
+usage() { sed -n '2,22p' "$0" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case $1 in
         --rounds) rounds=${2:?}; shift 2 ;;
         --jobs) jobs=${2:?}; shift 2 ;;
         --target) target=${2:?}; shift 2 ;;
         --runtime) runtime=${2:?}; shift 2 ;;
+        --backing) backing=${2:?}; shift 2 ;;
         --out) out=${2:?}; shift 2 ;;
         -h|--help) usage ;;
         *=*) builds+=("$1"); shift ;;
@@ -58,7 +61,8 @@ for round in $(seq 1 "$rounds"); do
         run="$out/$name-$round"
         say "round $round of $rounds: $name"
         if ! "$here/bench.sh" --replblk-bin "$dir" --jobs "$jobs" \
-            --targets "libublk-loop $target" --runtime "$runtime" --out "$run" \
+            --targets "libublk-loop $target" --runtime "$runtime" --backing "$backing" \
+            --out "$run" \
             > "$run.log" 2>&1; then
             say "warning: $name's boot $round failed; see $run.log"
         fi
@@ -73,7 +77,7 @@ for round in $(seq 1 "$rounds"); do
     done
 done
 
-echo "$target IOPS / libublk loop IOPS of the same boot ($rounds rounds; results in $out)"
+echo "$target IOPS / libublk loop IOPS of the same boot ($rounds rounds, backing files on $backing; results in $out)"
 echo
 echo "| build | job | per round | median |"
 echo "|---|---|---|---:|"
