@@ -338,10 +338,24 @@ if [ -n "$perf_s" ]; then
         || { say "REPLBLK_BENCH_PERF_S must be 1..runtime ($runtime), got $perf_s"; exit 2; }
     command -v perf >/dev/null || { say "REPLBLK_BENCH_PERF_S: no perf"; exit 2; }
     mkdir -p "$out/perf"
+    # perf's first start in a boot reads its binary and libraries over 9p,
+    # which under TCG took longer than a job: the first target's recording
+    # began after its fio had ended. One start now, unrecorded.
+    perf record -q -a -e cpu-clock -o "$out/perf/warm-up.data" -- true > /dev/null 2>&1 || true
+    rm -f "$out/perf/warm-up.data"
 fi
 # Records the whole guest while a job runs; the report is made afterwards.
+# fio forks its job's process once it has started up, which takes seconds
+# under TCG at a boot's first fio: the recording waits for that process
+# (the measured fio's, named by its JSON output; run.sh may probe with
+# another fio first), then for the ramp.
 profile_start() { # job target
-    sleep $((ramp + 2))
+    local deadline=$((SECONDS + runtime + ramp + 120))
+    until [ "$(pgrep -c -f -- '^fio .*--output-format=json' || true)" -ge 2 ]; do
+        [ "$SECONDS" -lt "$deadline" ] || { say "perf: fio's job for $1 on $2 never started"; return 0; }
+        sleep 0.5
+    done
+    sleep $((ramp + 1))
     perf record -q -a -e cpu-clock -o "$out/perf/$1.$2.data" -- sleep "$perf_s" \
         > "$out/perf/$1.$2.record.log" 2>&1
 }
