@@ -33,7 +33,8 @@
 # (start it with a table header, e.g. "[device]"); REPLBLK_BENCH_LOG_BYTES,
 # each replblk node's log size (default 64 MiB); REPLBLK_BENCH_PERF_S, when
 # set, profiles every job on every target: `perf record -a` (cpu-clock, no
-# call graphs) for that many seconds from 2 s after the ramp, the samples'
+# call graphs) for that many seconds from 1 s after the ramp (counted from
+# the start of fio's job process), the samples'
 # shares by thread and function written to perf/JOB.TARGET.txt, and by
 # thread alone to perf/JOB.TARGET.threads.txt. A profiled run's figures
 # are not comparable with an unprofiled one's.

@@ -65,14 +65,15 @@ fn open_for_reads(config: &Config, node_id: u32) -> Result<Arc<File>, NodeError>
 #[derive(Default)]
 struct BufferPool {
     buffers: Vec<Arc<AlignedBuf>>,
-    /// Most buffers kept that the engine has let go of: one per tag
-    /// living on this thread. The engine lets payloads go in seq order, so at
+    /// Most buffers kept that the engine has let go of: one per tag living
+    /// on this thread. The engine lets payloads go in seq order, so at
     /// depth 32 they come back in bursts; a smaller cap freed part of each
     /// burst and allocated afresh moments later, and the kernel's first
-    /// copy into a fresh buffer faults its pages in (BENCHMARKS.md, "Session
-    /// 12 (2026-12-06): a profile per job, and the tags' buffers kept"). A burst of writes the engine held on to (a
-    /// slow secondary) thus pins at most a queue depth of `io_max_bytes`
-    /// buffers, as many as the tags themselves.
+    /// copy into a fresh buffer faults its pages in (BENCHMARKS.md,
+    /// "Session 12 (2026-12-06): a profile per job, and the tags' buffers
+    /// kept"). A burst of writes the engine held on to (a slow secondary)
+    /// thus pins at most a queue depth of `io_max_bytes` buffers, as many
+    /// as the tags themselves.
     idle_max: usize,
 }
 
