@@ -37,7 +37,15 @@
 # the start of fio's job process), the samples'
 # shares by thread and function written to perf/JOB.TARGET.txt, and by
 # thread alone to perf/JOB.TARGET.threads.txt. A profiled run's figures
-# are not comparable with an unprofiled one's.
+# are not comparable with an unprofiled one's. REPLBLK_BENCH_COUNTERS_S,
+# when set, counts for that many seconds, from the same moment, the
+# serving process's CPU time, context switches and system calls
+# (`perf stat --per-thread`; io_uring_enter apart) into
+# counters/JOB.TARGET.txt: what each write costs the server, thread by
+# thread (a line each in counters/summary.tsv). It cannot be set with
+# REPLBLK_BENCH_PERF_S. REPLBLK_BENCH_THP (always, madvise or never), when
+# set, is written to the guest's transparent_hugepage/enabled before any
+# target starts.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -316,6 +324,11 @@ setup_replblk() { # target secondaries port-base
 env_put guest_kernel "$(uname -r)"
 env_put guest_cpus "$(nproc)"
 env_put guest_mem_mib "$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)"
+if [ -n "${REPLBLK_BENCH_THP:-}" ]; then
+    echo "$REPLBLK_BENCH_THP" > /sys/kernel/mm/transparent_hugepage/enabled \
+        || { say "REPLBLK_BENCH_THP: cannot set transparent huge pages to $REPLBLK_BENCH_THP"; exit 2; }
+fi
+env_put guest_thp "$(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo none)"
 env_put fio "$(fio --version)"
 env_put size_bytes "$size"
 env_put backing "$backing"
@@ -345,18 +358,93 @@ if [ -n "$perf_s" ]; then
     perf record -q -a -e cpu-clock -o "$out/perf/warm-up.data" -- true > /dev/null 2>&1 || true
     rm -f "$out/perf/warm-up.data"
 fi
-# Records the whole guest while a job runs; the report is made afterwards.
+counters_s=${REPLBLK_BENCH_COUNTERS_S:-}
+if [ -n "$counters_s" ]; then
+    [ -z "$perf_s" ] || { say "REPLBLK_BENCH_COUNTERS_S and REPLBLK_BENCH_PERF_S exclude each other"; exit 2; }
+    [[ $counters_s =~ ^[0-9]+$ ]] && [ "$counters_s" -gt 0 ] && [ "$counters_s" -le "$runtime" ] \
+        || { say "REPLBLK_BENCH_COUNTERS_S must be 1..runtime ($runtime), got $counters_s"; exit 2; }
+    command -v perf >/dev/null || { say "REPLBLK_BENCH_COUNTERS_S: no perf"; exit 2; }
+    mkdir -p "$out/counters"
+    # As for profiles: perf's first start in a boot is slow; not counted.
+    perf stat -e task-clock -- true > /dev/null 2>&1 || true
+fi
 # fio forks its job's process once it has started up, which takes seconds
-# under TCG at a boot's first fio: the recording waits for that process
+# under TCG at a boot's first fio: a measurement waits for that process
 # (the measured fio's, named by its JSON output; run.sh may probe with
-# another fio first), then for the ramp.
-profile_start() { # job target
+# another fio first), then for the ramp, then one second more.
+wait_for_job() { # job target
     local deadline=$((SECONDS + runtime + ramp + 120))
     until [ "$(pgrep -c -f -- '^fio .*--output-format=json' || true)" -ge 2 ]; do
-        [ "$SECONDS" -lt "$deadline" ] || { say "perf: fio's job for $1 on $2 never started"; return 0; }
+        [ "$SECONDS" -lt "$deadline" ] || { say "$1 on $2: fio's job never started"; return 1; }
         sleep 0.5
     done
     sleep $((ramp + 1))
+}
+# Counts what the target's serving process does while the job runs.
+counters_start() { # job target
+    local pid
+    case $2 in
+        libublk-loop) pid=$ublk_pid ;;
+        replblk-*) pid=${primary_pid[$2]} ;;
+        *) return 0 ;;
+    esac
+    wait_for_job "$1" "$2" || return 0
+    local file="$out/counters/$1.$2.txt"
+    thread_times "$pid" before > "$file"
+    perf stat --per-thread -p "$pid" -x, --append -o "$file" \
+        -e task-clock,context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_io_uring_enter \
+        -- sleep "$counters_s" > /dev/null 2>&1 \
+        || say "perf stat for $1 on $2 failed"
+    thread_times "$pid" after >> "$file"
+    awk '/^AnonHugePages:/ {print "anon_huge_kib," $2}' "/proc/$pid/smaps_rollup" >> "$file" 2>/dev/null || true
+}
+# Each thread's user and system CPU time so far, in clock ticks.
+thread_times() { # pid label
+    local stat
+    for stat in /proc/"$1"/task/*/stat; do
+        # After the name's closing parenthesis: fields 3.. of proc(5).
+        sed -E 's/^([0-9]+) \((.*)\) (.*)$/\1 \2 \3/' "$stat" 2>/dev/null \
+            | awk -v label="$2" '{n = NF - 52; printf "%s,%s,%s,utime=%s,stime=%s\n", label, $1, $2, $(14 + n), $(15 + n)}'
+    done
+}
+# One line per busy thread of the counted server in counters/summary.tsv:
+# job, target, IOPS, thread, then per write its CPU µs, io_uring_enter
+# calls and context switches, the user share of its CPU time (from
+# /proc's clock ticks, so rough), and the CPU µs of the process's io_uring
+# workers together.
+counters_summary() { # job target
+    local file="$out/counters/$1.$2.txt" iops
+    [ -s "$file" ] || return 0
+    iops=$(awk -F'\t' -v job="$1" -v target="$2" '$1 == target && $2 == job {iops = $3} END {print iops}' "$out/rows.tsv")
+    [[ $iops =~ ^[0-9.]+$ ]] || return 0
+    awk -F, -v job="$1" -v target="$2" -v iops="$iops" -v seconds="$counters_s" '
+        $1 == "before" || $1 == "after" {
+            split($4, u, "="); split($5, s, "=")
+            user[$1, $2] = u[2]; sys[$1, $2] = s[2]; next
+        }
+        NF > 3 && $2 != "<not counted>" {
+            n = split($1, parts, "-"); tid = parts[n]
+            thread = $1; sub("-" tid "$", "", thread)
+            name[tid] = thread; value[tid, $4] = $2
+        }
+        END {
+            writes = iops * seconds
+            if (writes == 0) exit
+            for (tid in name) if (name[tid] ~ /^iou-wrk/) workers += value[tid, "task-clock"]
+            for (tid in name) {
+                if (name[tid] ~ /^iou-wrk/ || value[tid, "task-clock"] < 50) continue
+                ticks = user["after", tid] - user["before", tid] + sys["after", tid] - sys["before", tid]
+                share = ticks > 0 ? sprintf("%.2f", (user["after", tid] - user["before", tid]) / ticks) : "-"
+                printf "%s\t%s\t%s\t%s\t%.1f\t%.2f\t%.2f\t%s\t%.1f\n", job, target, iops, name[tid],
+                    value[tid, "task-clock"] * 1000 / writes,
+                    value[tid, "syscalls:sys_enter_io_uring_enter"] / writes,
+                    value[tid, "context-switches"] / writes, share, workers * 1000 / writes
+            }
+        }' "$file" >> "$out/counters/summary.tsv"
+}
+# Records the whole guest while a job runs; the report is made afterwards.
+profile_start() { # job target
+    wait_for_job "$1" "$2" || return 0
     perf record -q -a -e cpu-clock -o "$out/perf/$1.$2.data" -- sleep "$perf_s" \
         > "$out/perf/$1.$2.record.log" 2>&1
 }
@@ -377,12 +465,14 @@ for job in $jobs; do
         say "$job on $t (${dev_of[$t]})"
         profiler=""
         if [ -n "$perf_s" ]; then profile_start "$job" "$t" & profiler=$!; fi
+        if [ -n "$counters_s" ]; then counters_start "$job" "$t" & profiler=$!; fi
         "$fio_run" "${dev_of[$t]}" --jobs "$job" --label "$t" --runtime "$runtime" \
             --ramp "$ramp" --size "$size" --json-dir "$out/json" --tsv "$out/rows.tsv" \
             "${engine[@]}" || failed=1
         if [ -n "$profiler" ]; then
             wait "$profiler" || true
-            profile_report "$job" "$t"
+            if [ -n "$perf_s" ]; then profile_report "$job" "$t"; fi
+            if [ -n "$counters_s" ]; then counters_summary "$job" "$t"; fi
         fi
         # The first run found out whether io_uring works; the others reuse it.
         if [ ${#engine[@]} = 0 ] && [ -s "$out/rows.tsv" ]; then

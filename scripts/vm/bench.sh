@@ -41,6 +41,8 @@
 # every target's files at once), the other REPLBLK_VM_* of run.sh, and
 # REPLBLK_BENCH_TOML, REPLBLK_BENCH_LOG_BYTES, REPLBLK_BENCH_PRIMARY_ARGS,
 # REPLBLK_BENCH_PERF_S (a profile of each run: perf/ in DIR),
+# REPLBLK_BENCH_COUNTERS_S (the server's counters: counters/ in DIR),
+# REPLBLK_BENCH_THP (the guest's transparent huge pages),
 # passed to bench-guest.sh (see there).
 set -euo pipefail
 
@@ -79,6 +81,12 @@ for n in "$runtime" "$ramp" "$size_mib" "$replblk_wait" ${timeout:+"$timeout"}; 
 done
 case $backing in tmpfs|ext4-ram) ;; *) die "--backing: tmpfs or ext4-ram" ;; esac
 for job in $jobs; do [ -f "$repo/scripts/fio/$job.fio" ] || die "no job $job"; done
+for t in $targets; do
+    case $t in kernel-loop|libublk-loop|replblk-0|replblk-2) ;; *) die "--targets: unknown target $t" ;; esac
+done
+# Each target is one device of the boot: a second mention would set it up again.
+[ -z "$(tr ' ' '\n' <<< "$targets" | sed '/^$/d' | sort | uniq -d)" ] \
+    || die "--targets: a target named twice ($targets)"
 n_targets=$(wc -w <<< "$targets")
 n_jobs=$(wc -w <<< "$jobs")
 # Per fio: runtime, ramp, and fio's start and teardown under TCG (~10 s),
@@ -164,7 +172,7 @@ if [ -n "$replblk_bin" ]; then replblk_rev="binaries from $replblk_bin"; fi
 
 export REPLBLK_VM_MEM=${REPLBLK_VM_MEM:-4096}
 envs=()
-for v in REPLBLK_BENCH_TOML REPLBLK_BENCH_LOG_BYTES REPLBLK_BENCH_PRIMARY_ARGS REPLBLK_BENCH_PERF_S RUST_LOG; do
+for v in REPLBLK_BENCH_TOML REPLBLK_BENCH_LOG_BYTES REPLBLK_BENCH_PRIMARY_ARGS REPLBLK_BENCH_PERF_S REPLBLK_BENCH_COUNTERS_S REPLBLK_BENCH_THP RUST_LOG; do
     if [ -n "${!v:-}" ]; then envs+=(--env "$v=${!v}"); fi
 done
 say "guest run: $n_targets targets x $n_jobs jobs of ${runtime}+${ramp} s, timeout $timeout s; output in $out"
@@ -228,6 +236,15 @@ onoff() { case $1 in 1|on) echo on ;; 0|off) echo off ;; *) echo "unknown" ;; es
         }' "$out/rows.tsv" "$out/unavailable.tsv"
     echo
     echo "vs: IOPS (MiB/s for seqwrite-1m) divided by that target's in the same run; higher is better."
+    if [ -s "$out/counters/summary.tsv" ]; then
+        echo
+        echo "Per write, counted in the guest (REPLBLK_BENCH_COUNTERS_S), the serving process:"
+        echo
+        echo "| job | target | IOPS | thread | CPU µs | io_uring_enter | context switches | user share | io-wq CPU µs |"
+        echo "|---|---|---:|---|---:|---:|---:|---:|---:|"
+        awk -F'\t' '{printf "| %s | %s | %d | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9}' \
+            "$out/counters/summary.tsv"
+    fi
 } > "$out/table.md"
 cat "$out/table.md"
 # --markdown may name the table itself (--out DIR --markdown DIR/table.md).
