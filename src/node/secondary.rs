@@ -693,10 +693,31 @@ impl Node {
 
     /// Executes the core's actions until it has none.
     fn pump(self: &Rc<Self>) {
+        loop {
+            let writes = self.run_actions();
+            if writes.is_empty() {
+                return;
+            }
+            if !self.log_in_memory {
+                self.write_records(writes);
+                return;
+            }
+            // A log on tmpfs is written here and now: what the writes
+            // bring about (the ack, first of all) is acted on in this same
+            // pump, with no task in between.
+            if !self.write_records_now(writes) {
+                return;
+            }
+        }
+    }
+
+    /// Executes the core's actions until it has none, but for the log
+    /// records to write, which it returns.
+    fn run_actions(self: &Rc<Self>) -> Vec<(u64, u64, RecordRef)> {
         let mut writes: Vec<(u64, u64, RecordRef)> = Vec::new();
         loop {
             let Some(action) = self.core.borrow_mut().poll_action() else {
-                break;
+                return writes;
             };
             match action {
                 Action::WriteRecord {
@@ -708,7 +729,7 @@ impl Node {
                 Action::SyncLog { through_seq } => {
                     let log = self.log_direct.clone();
                     self.spawn_io(
-                        "fdatasync of the log failed".into(),
+                        || "fdatasync of the log failed".into(),
                         async move { log.sync_data().await },
                         move |core, (), now| core.log_synced(through_seq, now),
                     );
@@ -745,7 +766,7 @@ impl Node {
                         [RECORD_PAYLOAD_OFFSET_BYTES..RECORD_PAYLOAD_OFFSET_BYTES + length];
                     if let Err(error) = self.copy_writer.write_all_at(data, offset_bytes) {
                         self.fail(format!("applying seq {seq} to the copy failed: {error}"));
-                        return;
+                        return Vec::new();
                     }
                     let now = self.now_ms();
                     self.core.borrow_mut().applied(seq, now);
@@ -753,7 +774,7 @@ impl Node {
                 Action::SyncCopy { through_seq } => {
                     let copy = self.copy.clone();
                     self.spawn_io(
-                        "fdatasync of the copy failed".into(),
+                        || "fdatasync of the copy failed".into(),
                         async move { copy.sync_data().await },
                         move |core, (), now| core.copy_synced(through_seq, now),
                     );
@@ -777,13 +798,13 @@ impl Node {
                             self.fail(format!(
                                 "persisting the start-of-log pointer failed: {error}"
                             ));
-                            return;
+                            return Vec::new();
                         }
                     };
                     let log = self.log_direct.clone();
                     let node = self.clone();
                     self.spawn_io(
-                        "fdatasync of the log header failed".into(),
+                        || "fdatasync of the log header failed".into(),
                         async move { log.sync_data().await },
                         move |core, (), now| {
                             node.log.borrow_mut().header_durable(staged);
@@ -794,42 +815,54 @@ impl Node {
                 }
             }
         }
-        self.write_records(writes);
     }
 
-    /// Writes records, merging runs adjacent in the ring into one vectored
-    /// write (group commit).
+    /// Writes records through the ring, a task per batch.
     fn write_records(self: &Rc<Self>, writes: Vec<(u64, u64, RecordRef)>) {
         let ring_len = self.log.borrow().ring_len_bytes();
-        let mut batch: Vec<(u64, u64, RecordRef)> = Vec::new();
-        for write in writes {
-            let size = write.2.len() as u64;
-            let adjacent = batch
-                .last()
-                .is_some_and(|(_, offset, record)| offset + record.len() as u64 == write.1);
-            if !adjacent || batch.len() == RECORD_WRITE_BATCH_MAX {
-                self.spawn_batch(std::mem::take(&mut batch), ring_len);
+        for batch in record_batches(writes, ring_len) {
+            self.spawn_batch(batch, ring_len);
+        }
+    }
+
+    /// Writes records to a log on tmpfs with blocking writes on this
+    /// thread and tells the core; false if a write failed (the node is
+    /// then failing).
+    fn write_records_now(self: &Rc<Self>, writes: Vec<(u64, u64, RecordRef)>) -> bool {
+        debug_assert!(self.log_in_memory);
+        let ring_len = self.log.borrow().ring_len_bytes();
+        for batch in record_batches(writes, ring_len) {
+            let records: Vec<&[u8]> = batch
+                .iter()
+                .map(|(_, _, record)| record.as_slice())
+                .collect();
+            let written = self
+                .log
+                .borrow()
+                .write_records_blocking(batch[0].1, &records);
+            if let Err(error) = written {
+                let (first, last) = (batch[0].0, batch[batch.len() - 1].0);
+                self.fail(format!(
+                    "writing log records {} failed: {error}",
+                    seq_range(first, last)
+                ));
+                return false;
             }
-            if write.1 + size > ring_len {
-                // A record that wraps is written in two pieces, on its own.
-                self.spawn_batch(std::mem::take(&mut batch), ring_len);
-                self.spawn_batch(vec![write], ring_len);
-            } else {
-                batch.push(write);
+            let now = self.now_ms();
+            let mut core = self.core.borrow_mut();
+            for (seq, _, _) in &batch {
+                core.record_written(*seq, now);
             }
         }
-        self.spawn_batch(batch, ring_len);
+        true
     }
 
     fn spawn_batch(self: &Rc<Self>, batch: Vec<(u64, u64, RecordRef)>, ring_len: u64) {
-        if batch.is_empty() {
-            return;
-        }
         let seqs: Vec<u64> = batch.iter().map(|(seq, _, _)| *seq).collect();
-        let context = format!("writing log records {seqs:?} failed");
+        let (first, last) = (seqs[0], seqs[seqs.len() - 1]);
         let node = self.clone();
         self.spawn_io(
-            context,
+            move || format!("writing log records {} failed", seq_range(first, last)),
             async move { node.write_batch(batch, ring_len).await },
             move |core, (), now| {
                 for seq in seqs {
@@ -844,7 +877,7 @@ impl Node {
     /// write or sync their content is unknown, and guessing would risk data.
     fn spawn_io<T: 'static>(
         self: &Rc<Self>,
-        context: String,
+        context: impl FnOnce() -> String + 'static,
         io: impl std::future::Future<Output = std::io::Result<T>> + 'static,
         done: impl FnOnce(&mut Secondary<RecordRef>, T, u64) + 'static,
     ) {
@@ -856,7 +889,7 @@ impl Node {
                     done(&mut node.core.borrow_mut(), value, now);
                     node.pump();
                 }
-                Err(error) => node.fail(format!("{context}: {error}")),
+                Err(error) => node.fail(format!("{}: {error}", context())),
             }
         })
         .detach();
@@ -867,18 +900,8 @@ impl Node {
         batch: Vec<(u64, u64, RecordRef)>,
         ring_len: u64,
     ) -> std::io::Result<()> {
+        debug_assert!(!self.log_in_memory, "a log on tmpfs is written in `pump`");
         let ring_offset = batch[0].1;
-        if self.log_in_memory {
-            let records: Vec<&[u8]> = batch
-                .iter()
-                .map(|(_, _, record)| record.as_slice())
-                .collect();
-            return self
-                .log
-                .borrow()
-                .write_records_blocking(ring_offset, &records)
-                .map_err(std::io::Error::other);
-        }
         let file_offset = LogFile::ring_file_offset(ring_offset);
         if batch.len() == 1 {
             let record = batch.into_iter().next().expect("one record").2;
@@ -904,6 +927,49 @@ impl Node {
         let mut log = &*self.log_direct;
         let BufResult(result, _) = log.write_vectored_all_at(buffers, file_offset).await;
         result
+    }
+}
+
+/// Splits records to write, in seq order, into batches each written at
+/// once: a run of records adjacent in the ring (group commit), at most
+/// `RECORD_WRITE_BATCH_MAX` long; a record that wraps around the ring's
+/// end goes alone, as it is written in two pieces.
+fn record_batches(
+    writes: Vec<(u64, u64, RecordRef)>,
+    ring_len: u64,
+) -> Vec<Vec<(u64, u64, RecordRef)>> {
+    let mut batches = Vec::new();
+    let mut batch: Vec<(u64, u64, RecordRef)> = Vec::new();
+    for write in writes {
+        let size = write.2.len() as u64;
+        let adjacent = batch
+            .last()
+            .is_some_and(|(_, offset, record)| offset + record.len() as u64 == write.1);
+        if (!adjacent || batch.len() == RECORD_WRITE_BATCH_MAX) && !batch.is_empty() {
+            batches.push(std::mem::take(&mut batch));
+        }
+        if write.1 + size > ring_len {
+            if !batch.is_empty() {
+                batches.push(std::mem::take(&mut batch));
+            }
+            batches.push(vec![write]);
+        } else {
+            batch.push(write);
+        }
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
+}
+
+/// The seqs of a batch of records (consecutive: the records lie one after
+/// the other in the ring), for a message.
+fn seq_range(first: u64, last: u64) -> String {
+    if first == last {
+        first.to_string()
+    } else {
+        format!("{first}..={last}")
     }
 }
 
@@ -1023,6 +1089,58 @@ impl std::fmt::Display for Refusal {
 mod tests {
     use super::*;
     use crate::proto::{data_crc32, UPDATE_FLAG_FUA};
+
+    /// Records of `pages` 4 KiB pages each, laid one after the other in a
+    /// ring of `ring_pages` pages from page `first_page`, seqs from 1.
+    fn laid_out(
+        pool: &Rc<BufPool>,
+        first_page: u64,
+        pages: &[u64],
+        ring_pages: u64,
+    ) -> Vec<(u64, u64, RecordRef)> {
+        let mut offset = first_page * 4096;
+        let ring_len = ring_pages * 4096;
+        let mut writes = Vec::new();
+        for (index, &count) in pages.iter().enumerate() {
+            let record = RecordRef {
+                buf: Rc::new(pool.take((count * 4096) as usize)),
+                length_bytes: 0,
+            };
+            writes.push((index as u64 + 1, offset, record));
+            offset = (offset + count * 4096) % ring_len;
+        }
+        writes
+    }
+
+    fn seqs_of(batches: &[Vec<(u64, u64, RecordRef)>]) -> Vec<Vec<u64>> {
+        batches
+            .iter()
+            .map(|batch| batch.iter().map(|(seq, _, _)| *seq).collect())
+            .collect()
+    }
+
+    #[test]
+    fn records_adjacent_in_the_ring_are_written_together_and_one_that_wraps_alone() {
+        let pool = BufPool::new(POOL_IDLE_BYTES_MAX);
+        // Pages 2..10 of a 10-page ring: 1, 2 and 3 fit, 4 wraps (pages
+        // 8..10 and 0..1), 5 follows it from page 1.
+        let writes = laid_out(&pool, 2, &[1, 2, 3, 3, 1], 10);
+        let batches = record_batches(writes, 10 * 4096);
+        assert_eq!(seqs_of(&batches), vec![vec![1, 2, 3], vec![4], vec![5]]);
+        assert_eq!(seq_range(1, 3), "1..=3");
+        assert_eq!(seq_range(4, 4), "4");
+    }
+
+    #[test]
+    fn a_run_of_records_longer_than_a_batch_is_split() {
+        let pool = BufPool::new(POOL_IDLE_BYTES_MAX);
+        let count = RECORD_WRITE_BATCH_MAX + 3;
+        let writes = laid_out(&pool, 0, &vec![1; count], 1 << 20);
+        let batches = record_batches(writes, (1 << 20) * 4096);
+        let lengths: Vec<usize> = batches.iter().map(Vec::len).collect();
+        assert_eq!(lengths, vec![RECORD_WRITE_BATCH_MAX, 3]);
+        assert!(record_batches(Vec::new(), 4096).is_empty());
+    }
 
     #[test]
     fn a_built_record_in_a_reused_buffer_passes_the_recovery_check_with_the_frames_data_crc() {
