@@ -152,6 +152,11 @@ impl LocalCluster {
             .collect()
     }
 
+    /// Process ids of the secondaries running now.
+    pub fn secondary_pids(&self) -> Vec<u32> {
+        self.children.iter().flatten().map(Child::id).collect()
+    }
+
     /// Where node `id`'s daemon writes its log output.
     pub fn output_path(&self, id: u32) -> PathBuf {
         self.dir.join(format!("node{id}.out"))

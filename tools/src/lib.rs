@@ -1,1 +1,3 @@
+//! Pieces shared by replblk's tools.
 
+pub mod cpu_time;

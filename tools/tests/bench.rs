@@ -15,12 +15,14 @@ const WORKLOADS: [&str; 3] = [
     "1 MiB sequential write, QD4",
 ];
 
-/// Runs the benchmark for 1 s per workload and returns its standard output.
-fn run_bench(caller: &str) -> String {
+/// Runs the benchmark for 1 s per workload with `extra` arguments and
+/// returns its standard output.
+fn run_bench(caller: &str, extra: &[&str]) -> String {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let mut child = Command::new(env!("CARGO_BIN_EXE_replblk-bench"))
         .args(["--seconds", "1", "--secondaries", "0,1", "--log-mib", "16"])
         .args(["--caller", caller])
+        .args(extra)
         .arg("--dir")
         .arg(dir.path())
         .stdout(Stdio::piped())
@@ -60,16 +62,50 @@ fn iops(table: &str, workload: &str, target: &str) -> f64 {
         .unwrap_or_else(|| panic!("no row for {target} in {workload}:\n{table}"))
 }
 
+/// The CPU per write the report gives `target` for `workload`: the
+/// workload's thread (user + kernel), the process's other threads, the
+/// secondaries.
+fn cpu_per_write(table: &str, workload: &str, target: &str) -> (f64, f64, f64) {
+    let prefix = format!("{target} {workload}: ");
+    let parse = |text: &str| text.trim().parse::<f64>().ok();
+    table
+        .lines()
+        .find_map(|line| {
+            let rest = line.trim().strip_prefix(&prefix)?;
+            let (figures, _total) = rest.split_once(" (total ")?;
+            let mut parts = figures.split(';');
+            let (user, kernel) = parts.next()?.split_once('+')?;
+            let thread = parse(user)? + parse(kernel)?;
+            Some((thread, parse(parts.next()?)?, parse(parts.next()?)?))
+        })
+        .unwrap_or_else(|| panic!("no CPU line for {target} in {workload}:\n{table}"))
+}
+
 #[test]
 fn every_workload_is_measured_on_every_volume_from_either_caller() {
-    for caller in ["engine", "thread"] {
-        let table = run_bench(caller);
+    // The second run also fills the secondaries' copies first.
+    for (caller, extra) in [
+        ("engine", &[][..]),
+        ("thread", &["--prefill", "secondaries"][..]),
+    ] {
+        let table = run_bench(caller, extra);
         for workload in WORKLOADS {
             for target in ["local", "replblk-0", "replblk-1"] {
                 let measured = iops(&table, workload, target);
                 assert!(
                     measured > 0.0,
                     "{target} completed no write in {workload} (--caller {caller})"
+                );
+                let (thread_us, _, secondaries_us) = cpu_per_write(&table, workload, target);
+                assert!(
+                    thread_us > 0.0,
+                    "{target} in {workload}: the workload's thread used no CPU (--caller {caller})"
+                );
+                // Only the volume with a secondary has one whose CPU counts.
+                assert_eq!(
+                    secondaries_us > 0.0,
+                    target == "replblk-1",
+                    "{target} in {workload}: secondaries' CPU {secondaries_us} µs per write (--caller {caller})"
                 );
             }
         }

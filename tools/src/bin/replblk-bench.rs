@@ -30,11 +30,13 @@
 //! directory under that one instead (removed the same way), standing in for
 //! the secondaries' own disks; the primary's copy and the baseline stay
 //! under `--dir`. The files are sparse unless `--prefill` writes them in
-//! full first; `--rounds N` repeats the whole run and says how often each
-//! target was met; `--log-mib` sizes the secondaries' logs, and the report
-//! counts the waits for room in them.
+//! full first (`--prefill secondaries`: only the secondaries' copies);
+//! `--rounds N` repeats the whole run and says how often each target was
+//! met; `--log-mib` sizes the secondaries' logs, and the report counts the
+//! waits for room in them. The report also gives the CPU each write cost
+//! the workload's thread, the process's other threads and the secondaries.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::future::Future;
@@ -55,6 +57,7 @@ use replblk::buf::{AlignedBuf, SharedBuf};
 use replblk::config::ReplicationConfig;
 use replblk::node::local_cluster::{LocalCluster, PRIMARY_NODE_ID};
 use replblk::node::volume::{Replicate, Volume};
+use replblk_tools::cpu_time::{CpuProbe, CpuTimes};
 
 /// Size of the volume, and of the local baseline file.
 const VOLUME_BYTES: u64 = 1 << 30;
@@ -124,12 +127,14 @@ struct Cli {
     /// met. On a shared, noisy machine one round says little.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: u32,
-    /// Write the local file and every node's copy in full (zeros) before
-    /// measuring, as a block device or a preallocated file would be. By
-    /// default they are sparse, as `replblk-ctl init` makes copies, and
-    /// the filesystem allocates blocks during the workloads.
-    #[arg(long)]
-    prefill: bool,
+    /// Write files in full (zeros) before measuring, as a block device or a
+    /// preallocated file would be: `all` (what `--prefill` alone means) the
+    /// local file and every node's copy; `secondaries` only the
+    /// secondaries' copies, standing in for their own disks. By default
+    /// every copy is sparse, as `replblk-ctl init` makes them, and the
+    /// filesystem allocates blocks during the workloads.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "all")]
+    prefill: Option<Fill>,
     /// Workloads to run (comma-separated): `qd1` (4 KiB random, queue depth
     /// 1), `qd32` (4 KiB random, queue depth 32), `seq` (1 MiB sequential).
     /// Targets of workloads not run are not reported.
@@ -145,6 +150,15 @@ enum WorkloadKey {
     Seq,
 }
 
+/// Which files are written in full before measuring (`--prefill`).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Fill {
+    /// The local file and every node's copy.
+    All,
+    /// Only the secondaries' copies.
+    Secondaries,
+}
+
 /// How each volume is run (from the command line).
 #[derive(Clone, Copy)]
 struct VolumeOptions {
@@ -152,7 +166,7 @@ struct VolumeOptions {
     workloads: Workloads,
     caller: Caller,
     log_bytes: u64,
-    prefill: bool,
+    prefill: Option<Fill>,
 }
 
 /// Size of each write of [`prefill`].
@@ -265,6 +279,36 @@ struct Measured {
     mib_per_s: f64,
     p50_us: u64,
     p99_us: u64,
+    /// CPU used over (about) the measured window, per write counted in it.
+    cpu_per_write: CpuPerWrite,
+}
+
+/// CPU per write, in µs, as [`CpuTimes`] splits it.
+#[derive(Clone, Copy)]
+struct CpuPerWrite {
+    thread_user_us: f64,
+    thread_system_us: f64,
+    /// The process's threads other than the workload's.
+    other_threads_us: f64,
+    /// The secondaries' processes.
+    secondaries_us: f64,
+}
+
+impl CpuPerWrite {
+    fn new(used: &CpuTimes, writes: u64) -> CpuPerWrite {
+        let per_write = |us: u64| us as f64 / writes as f64;
+        let thread_us = used.thread_user_us + used.thread_system_us;
+        CpuPerWrite {
+            thread_user_us: per_write(used.thread_user_us),
+            thread_system_us: per_write(used.thread_system_us),
+            other_threads_us: per_write(used.process_us.saturating_sub(thread_us)),
+            secondaries_us: per_write(used.watched_us),
+        }
+    }
+
+    fn total_us(&self) -> f64 {
+        self.thread_user_us + self.thread_system_us + self.other_threads_us + self.secondaries_us
+    }
 }
 
 /// One target's figures, one per workload.
@@ -363,6 +407,11 @@ struct Run {
     end: Instant,
     offsets: RefCell<Offsets>,
     interrupted: &'static AtomicBool,
+    cpu_probe: Rc<CpuProbe>,
+    /// CPU used up to the first write counted, and up to the first worker
+    /// that saw the window's end: the window's CPU, give or take a write.
+    cpu_at_start: Cell<Option<CpuTimes>>,
+    cpu_at_end: Cell<Option<CpuTimes>>,
 }
 
 /// What one worker saw in the measured window.
@@ -392,12 +441,18 @@ async fn worker<T: Target + 'static>(
         }
         let issued = Instant::now();
         if issued >= run.end {
+            if run.cpu_at_end.get().is_none() {
+                run.cpu_at_end.set(Some(run.cpu_probe.read()?));
+            }
             return Ok(tally);
         }
         let offset = run.offsets.borrow_mut().next();
         target.write(offset, data.clone()).await?;
         let done = Instant::now();
         if done >= run.measure_from && done < run.end {
+            if run.cpu_at_start.get().is_none() {
+                run.cpu_at_start.set(Some(run.cpu_probe.read()?));
+            }
             tally.completed += 1;
             let micros = u64::try_from((done - issued).as_micros()).unwrap_or(u64::MAX);
             tally.latency_us.saturating_record(micros.max(1));
@@ -417,12 +472,13 @@ fn payload(length: u64) -> SharedBuf {
 /// Runs `workload` on `target`: `queue_depth` workers, each keeping one
 /// write of the one shared payload in flight. Spawns nothing, so it runs on
 /// whichever runtime polls it; `sleep` is that runtime's timer, which bounds
-/// the wait for the last writes.
+/// the wait for the last writes. `cpu_probe` is read on this thread.
 async fn run_workload<T: Target + 'static, S: Future<Output = ()>>(
     target: Rc<T>,
     workload: &Workload,
     seconds: u64,
     interrupted: &'static AtomicBool,
+    cpu_probe: Rc<CpuProbe>,
     sleep: impl FnOnce(Duration) -> S,
 ) -> anyhow::Result<Measured> {
     let data = payload(workload.block_bytes);
@@ -433,6 +489,9 @@ async fn run_workload<T: Target + 'static, S: Future<Output = ()>>(
         end: start + WARMUP + measured,
         offsets: RefCell::new(Offsets::new(workload)),
         interrupted,
+        cpu_probe,
+        cpu_at_start: Cell::new(None),
+        cpu_at_end: Cell::new(None),
     });
     let mut workers: FuturesUnordered<_> = (0..workload.queue_depth)
         .map(|_| worker(target.clone(), run.clone(), data.clone()))
@@ -464,12 +523,17 @@ async fn run_workload<T: Target + 'static, S: Future<Output = ()>>(
             workload.name
         );
     }
+    let (Some(cpu_at_start), Some(cpu_at_end)) = (run.cpu_at_start.get(), run.cpu_at_end.get())
+    else {
+        unreachable!("a write was counted and every worker saw the end");
+    };
     let iops = completed as f64 / measured.as_secs_f64();
     Ok(Measured {
         iops,
         mib_per_s: iops * workload.block_bytes as f64 / f64::from(1u32 << 20),
         p50_us: latency_us.value_at_quantile(0.50),
         p99_us: latency_us.value_at_quantile(0.99),
+        cpu_per_write: CpuPerWrite::new(&cpu_at_end.since(&cpu_at_start), completed),
     })
 }
 
@@ -504,6 +568,7 @@ fn bench_local(
         prefill(&path)?;
     }
     let ring = replblk::ring::Ring::new().context("setting up the io_uring")?;
+    let cpu_probe = Rc::new(CpuProbe::new(&[])?);
     let measured = ring.block_on(async {
         let file = Rc::new(LocalFile(replblk::ring::io::File::from_std(file)));
         let mut measured = Vec::new();
@@ -517,6 +582,7 @@ fn bench_local(
                 workload,
                 seconds,
                 interrupted,
+                cpu_probe.clone(),
                 replblk::ring::sleep,
             )
             .await?;
@@ -573,9 +639,11 @@ fn bench_volume(
         &ReplicationConfig::default(),
     )
     .map_err(|e| anyhow!("{name}: creating the cluster: {e}"))?;
-    if fill {
+    if let Some(fill) = fill {
         for node in &cluster.config().nodes {
-            prefill(&node.data_path).with_context(|| format!("{name}: node {}", node.id))?;
+            if fill == Fill::All || node.id != PRIMARY_NODE_ID {
+                prefill(&node.data_path).with_context(|| format!("{name}: node {}", node.id))?;
+            }
         }
     }
     cluster
@@ -590,6 +658,7 @@ fn bench_volume(
         .build()
         .context("building the tokio runtime")?;
     let target = Rc::new(ReplicatedVolume(volume.clone()));
+    let secondary_pids = cluster.secondary_pids();
     let mut measured = Vec::new();
     let mut log_full = Vec::new();
     let mut log_full_before = (0, 0);
@@ -607,10 +676,12 @@ fn bench_volume(
                 workload,
                 seconds,
                 interrupted,
+                Rc::new(CpuProbe::new(&secondary_pids)?),
                 tokio::time::sleep,
             ))?,
             Caller::Engine => {
                 let (sender, receiver) = std::sync::mpsc::channel();
+                let cpu_probe = CpuProbe::new(&secondary_pids)?;
                 volume
                     .host(Box::new(move |local| {
                         Box::pin(async move {
@@ -621,6 +692,7 @@ fn bench_volume(
                                 workload,
                                 seconds,
                                 interrupted,
+                                Rc::new(cpu_probe),
                                 replblk::ring::sleep,
                             );
                             let _ = sender.send(result.await);
@@ -1070,10 +1142,11 @@ fn main() -> anyhow::Result<()> {
     let setup = format!(
         "setup: volume and local file {} GiB ({}), log {} MiB per secondary, {} s per workload after {} s of warm-up, default ReplicationConfig, secondaries on 127.0.0.1, volume workload {}",
         VOLUME_BYTES >> 30,
-        if cli.prefill {
-            "every file written in full before measuring"
-        } else {
-            "sparse"
+        match cli.prefill {
+            Some(Fill::All) => "every file written in full before measuring",
+            Some(Fill::Secondaries) =>
+                "the local file and the primary's copy sparse, the secondaries' copies written in full before measuring",
+            None => "sparse",
         },
         cli.log_mib,
         cli.seconds,
@@ -1102,7 +1175,7 @@ fn main() -> anyhow::Result<()> {
             &run_dir.path,
             cli.seconds,
             workloads,
-            cli.prefill,
+            cli.prefill == Some(Fill::All),
             interrupted,
         )?];
         for &secondaries in &cli.secondaries {
@@ -1153,6 +1226,9 @@ const LOG_FULL_TITLE: &str = "waits for room in a secondary's log, summed over t
 const GOALS_TITLE: &str =
     "targets of the issue (volume with 2 secondaries; information, not a failure):";
 const SUMMARY_TITLE: &str = "targets over all rounds (volume with 2 secondaries):";
+const CPU_TITLE: &str = "CPU per write, µs: the workload's thread (the engine's too with --caller engine) in user mode + in the kernel; the process's other threads (io_uring's workers); the secondaries' processes:";
+const CPU_SUMMARY_TITLE: &str =
+    "CPU per write over all rounds, µs, median (range) of the sum of the four:";
 
 impl Style {
     /// A heading line (and, in Markdown, the blank line after it).
@@ -1211,6 +1287,7 @@ fn print_report(
         print_round(results, style);
     }
     style.list(SUMMARY_TITLE, summary);
+    style.list(CPU_SUMMARY_TITLE, &cpu_summary_lines(rounds));
 }
 
 /// One round's table, its targets and its log-full waits.
@@ -1225,6 +1302,77 @@ fn print_round(results: &[TargetResult], style: Style) {
     );
     style.list(GOALS_TITLE, &goal_lines(results));
     style.list(LOG_FULL_TITLE, &log_full_lines(results));
+    style.list(CPU_TITLE, &cpu_lines(results));
+}
+
+/// One line per target and workload run: its CPU per write.
+fn cpu_lines(results: &[TargetResult]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (index, workload) in WORKLOADS.iter().enumerate() {
+        for result in results {
+            let Some(measured) = &result.measured[index] else {
+                continue;
+            };
+            let cpu = measured.cpu_per_write;
+            lines.push(format!(
+                "{} {}: {:.1} + {:.1}; {:.1}; {:.1} (total {:.1})",
+                result.name,
+                workload.name,
+                cpu.thread_user_us,
+                cpu.thread_system_us,
+                cpu.other_threads_us,
+                cpu.secondaries_us,
+                cpu.total_us()
+            ));
+        }
+    }
+    lines
+}
+
+/// With more than one round: per target and workload, the median and
+/// range of the total CPU per write.
+fn cpu_summary_lines(rounds: &[(String, Vec<TargetResult>)]) -> Vec<String> {
+    if rounds.len() < 2 {
+        return Vec::new();
+    }
+    let mut lines = Vec::new();
+    for (index, workload) in WORKLOADS.iter().enumerate() {
+        for (target, result) in rounds[0].1.iter().enumerate() {
+            let mut totals: Vec<f64> = rounds
+                .iter()
+                .filter_map(|(_, results)| {
+                    Some(
+                        results.get(target)?.measured[index]?
+                            .cpu_per_write
+                            .total_us(),
+                    )
+                })
+                .collect();
+            if totals.is_empty() {
+                continue;
+            }
+            totals.sort_by(f64::total_cmp);
+            lines.push(format!(
+                "{} {}: {:.1} ({:.1}-{:.1})",
+                result.name,
+                workload.name,
+                median(&totals),
+                totals[0],
+                totals[totals.len() - 1]
+            ));
+        }
+    }
+    lines
+}
+
+/// The median of `sorted`, which is not empty.
+fn median(sorted: &[f64]) -> f64 {
+    let middle = sorted.len() / 2;
+    if sorted.len().is_multiple_of(2) {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    } else {
+        sorted[middle]
+    }
 }
 
 /// With more than one round: per target, the range and median of its
@@ -1249,12 +1397,8 @@ fn summary_lines(rounds: &[(String, Vec<TargetResult>)]) -> Vec<String> {
             }
             let met = ratios.iter().filter(|(_, met)| *met).count();
             ratios.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let middle = ratios.len() / 2;
-            let median = if ratios.len().is_multiple_of(2) {
-                (ratios[middle - 1].0 + ratios[middle].0) / 2.0
-            } else {
-                ratios[middle].0
-            };
+            let sorted: Vec<f64> = ratios.iter().map(|(ratio, _)| *ratio).collect();
+            let median = median(&sorted);
             Some(format!(
                 "{}: {:.2}x-{:.2}x, median {median:.2}x, met in {met} of {}",
                 goal.text,
