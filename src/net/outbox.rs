@@ -176,3 +176,62 @@ async fn write_all_vectored(stream: &impl Socket, mut batch: Vec<OutBuf>) -> std
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::AlignedBuf;
+    use compio::io::AsyncReadExt;
+    use compio::net::{TcpListener, TcpStream};
+
+    /// A payload large enough that no socket buffer takes it at once.
+    const LARGE_BYTES: usize = 16 << 20;
+
+    fn payload(length: usize, seed: u8) -> SharedBuf {
+        let mut buf = AlignedBuf::zeroed(length);
+        for (index, byte) in buf.as_mut_slice().iter_mut().enumerate() {
+            *byte = (index as u8).wrapping_mul(7) ^ seed;
+        }
+        SharedBuf::new(buf)
+    }
+
+    #[test]
+    fn frames_and_a_payload_larger_than_the_socket_buffer_arrive_whole_and_in_order() {
+        compio::runtime::Runtime::new().unwrap().block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let connecting =
+                compio::runtime::spawn(async move { TcpStream::connect(address).await });
+            let (mut accepted, _) = listener.accept().await.unwrap();
+            let stream = Rc::new(connecting.await.unwrap().unwrap());
+            let (outbox, writer) = Outbox::new(stream, "test".into());
+            compio::runtime::spawn(writer).detach();
+
+            let large = payload(LARGE_BYTES, 0x5a);
+            let mut expected = Vec::new();
+            // The payload takes the writer several short writes; the
+            // frames on either side must stay on their side of it.
+            outbox.send_bytes(b"first".to_vec());
+            expected.extend_from_slice(b"first");
+            outbox.send_update(b"header".to_vec(), large.clone());
+            expected.extend_from_slice(b"header");
+            expected.extend_from_slice(large.as_slice());
+            outbox.send_bytes(b"last".to_vec());
+            expected.extend_from_slice(b"last");
+
+            let reading = compio::runtime::spawn(async move {
+                let compio::BufResult(result, received) =
+                    accepted.read_exact(vec![0u8; expected.len()]).await;
+                result.unwrap();
+                (received, expected)
+            });
+            outbox.drained().await;
+            let (received, expected) = reading.await.unwrap();
+            assert!(
+                received == expected,
+                "the bytes arrived changed or out of order"
+            );
+            outbox.close();
+        });
+    }
+}

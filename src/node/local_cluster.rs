@@ -85,13 +85,20 @@ impl LocalCluster {
             replication.reconnect_interval_ms,
             replication.startup_timeout_ms,
         );
+        // Each node's port is one the kernel found free; the listeners are
+        // held until every node has one, or the next search could hand
+        // out the port just released (it did, and the config was refused
+        // for two nodes on one address). The tiny race until each daemon
+        // binds its port is acceptable for local tests.
+        let mut reserved = Vec::new();
         for id in 1..=(secondaries as u32 + 1) {
-            // Reserve a free port; the tiny race until the secondary binds
-            // it is acceptable for local tests.
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|listener| listener.local_addr())
+            let listener = TcpListener::bind("127.0.0.1:0")
+                .map_err(|e| format!("finding a free port: {e}"))?;
+            let port = listener
+                .local_addr()
                 .map_err(|e| format!("finding a free port: {e}"))?
                 .port();
+            reserved.push(listener);
             let files_dir = match secondary_dir {
                 Some(secondary_dir) if id != PRIMARY_NODE_ID => secondary_dir,
                 _ => dir,
@@ -102,6 +109,7 @@ impl LocalCluster {
                 files_dir.join(format!("node{id}.log")).display(),
             ));
         }
+        drop(reserved);
         let config_path = dir.join("volume.toml");
         std::fs::write(&config_path, &text)
             .map_err(|e| format!("{}: {e}", config_path.display()))?;
