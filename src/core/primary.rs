@@ -361,6 +361,8 @@ enum WritesToCheck {
     All,
     /// Only this seq's.
     One(u64),
+    /// Only seqs `first..=last` (none if `last < first`).
+    Seqs { first: u64, last: u64 },
 }
 
 #[derive(Debug)]
@@ -1226,14 +1228,24 @@ impl<P: Clone> Primary<P> {
         }
         let bit = 1u64 << member;
         let first = (record.logged_seq + 1).max(self.window_start_seq);
+        let last = logged_seq.min(self.next_seq - 1);
         // Seqs not issued yet (reserved for caught-up records) are marked
         // when they are, from `logged_seq`.
-        for seq in first..=logged_seq.min(self.next_seq - 1) {
+        for seq in first..=last {
             if self.tracker.set_mask(seq) & bit != 0 {
                 self.tracker.mark_received(member, seq);
             }
         }
         let record = &mut self.members[member];
+        // Only the writes this ack newly covers can have become complete,
+        // unless a FUA write became durable here: checking just those
+        // keeps an ack's cost independent of the window's size, which a
+        // lagging secondary fills (a scan of 1,024 slots per ack took 4 µs).
+        let writes = if durable_seq > record.durable_seq && self.fua_slots > 0 {
+            WritesToCheck::All
+        } else {
+            WritesToCheck::Seqs { first, last }
+        };
         let progressed = logged_seq > record.logged_seq
             || durable_seq > record.durable_seq
             || cleared_seq > record.cleared_seq;
@@ -1253,7 +1265,7 @@ impl<P: Clone> Primary<P> {
             record.in_log_bytes -= size;
         }
         self.send_pending(member);
-        self.progress();
+        self.progress_checking(writes);
         Ok(())
     }
 
@@ -1532,6 +1544,12 @@ impl<P: Clone> Primary<P> {
                 let index = (seq - self.window_start_seq) as usize;
                 index..index + 1
             }
+            WritesToCheck::Seqs { first, last } if first <= last => {
+                debug_assert!(first >= self.window_start_seq && last < self.next_seq);
+                (first - self.window_start_seq) as usize
+                    ..(last - self.window_start_seq) as usize + 1
+            }
+            WritesToCheck::Seqs { .. } => 0..0,
         };
         for index in indexes {
             if self.is_completable(index) {
@@ -2230,6 +2248,48 @@ mod tests {
             .sum();
         // The runs above must exercise the path, or they prove nothing.
         assert!(given_up > 20, "only {given_up} members were given up on");
+    }
+
+    /// The seqs of the local writes the primary asks for now.
+    fn local_writes_asked(primary: &mut Primary<u64>) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while let Some(action) = primary.poll_action() {
+            if let Action::LocalWrite { seq, .. } = action {
+                seqs.push(seq);
+            }
+        }
+        seqs
+    }
+
+    #[test]
+    fn only_a_write_that_overlaps_an_unwritten_one_waits_for_it() {
+        let geometry = Geometry {
+            volume_size_bytes: 1 << 34,
+            block_size_bytes: BLOCK as u32,
+            write_max_bytes: 8 * BLOCK as u32,
+        };
+        let mut primary: Primary<u64> = Primary::new(sim_limits(), geometry, &[], 1, 1, 0);
+        primary.submit_write(1, 0, 8192, false, 1, 0).unwrap();
+        primary.submit_write(2, 1 << 30, 4096, false, 2, 0).unwrap();
+        primary.submit_write(3, 8192, 4096, false, 3, 0).unwrap();
+        primary.submit_write(4, 4096, 4096, false, 4, 0).unwrap();
+        assert_eq!(
+            local_writes_asked(&mut primary),
+            vec![1, 2, 3],
+            "seq 4 overlaps seq 1; seq 3 only borders it"
+        );
+        primary.local_write_done(2, Ok(()), 0);
+        assert!(local_writes_asked(&mut primary).is_empty());
+        primary.local_write_done(1, Ok(()), 0);
+        assert_eq!(local_writes_asked(&mut primary), vec![4]);
+        primary.local_write_done(3, Ok(()), 0);
+        primary.local_write_done(4, Ok(()), 0);
+        primary.submit_write(5, 0, 4096, false, 5, 0).unwrap();
+        assert_eq!(
+            local_writes_asked(&mut primary),
+            vec![5],
+            "nothing unwritten is left"
+        );
     }
 
     #[test]
