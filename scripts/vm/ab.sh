@@ -8,7 +8,7 @@
 # machines this runs on are shared and noisy (docs/BENCHMARKS.md).
 #
 # Usage: scripts/vm/ab.sh [--rounds N] [--jobs "JOB..."] [--target T]
-#            [--runtime S] [--backing B] [--out DIR] NAME=BINDIR...
+#            [--runtime S] [--backing B] [--repeat N] [--out DIR] NAME=BINDIR...
 #   NAME=BINDIR   a build: a directory holding its replblkd and replblk-ctl
 #                 (e.g. a copy of target/release of some commit)
 #   --rounds N    boots per build (default 3)
@@ -17,17 +17,20 @@
 #   --runtime S   measured seconds per job (default 15)
 #   --backing B   where the guest keeps the backing files: tmpfs (default)
 #                 or ext4-ram (see bench.sh)
+#   --repeat N    runs of each job per boot, interleaved (default 1); a
+#                 boot's ratio is then of the two targets' median IOPS
 #   --out DIR     keep every boot's results here (default
 #                 target/vm-ab/DATE-TIME)
-# Takes about (runtime + ramp) x 2 x jobs + 40 s per boot.
+# Takes about (runtime + ramp) x 2 x jobs x repeat + 40 s per boot.
+# REPLBLK_BENCH_PIN and the other REPLBLK_BENCH_* pass through to bench.sh.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-rounds=3 jobs="randwrite-qd1 randwrite-qd32" target=replblk-0 runtime=15 backing=tmpfs out=""
+rounds=3 jobs="randwrite-qd1 randwrite-qd32" target=replblk-0 runtime=15 backing=tmpfs repeats=1 out=""
 builds=()
 say() { echo "ab.sh: $*" >&2; }
 die() { say "error: $*"; exit 1; }
-usage() { sed -n '2,22p' "$0" >&2; exit 2; }
+usage() { sed -n '2,25p' "$0" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case $1 in
         --rounds) rounds=${2:?}; shift 2 ;;
@@ -35,6 +38,7 @@ while [ $# -gt 0 ]; do
         --target) target=${2:?}; shift 2 ;;
         --runtime) runtime=${2:?}; shift 2 ;;
         --backing) backing=${2:?}; shift 2 ;;
+        --repeat) repeats=${2:?}; shift 2 ;;
         --out) out=${2:?}; shift 2 ;;
         -h|--help) usage ;;
         *=*) builds+=("$1"); shift ;;
@@ -43,6 +47,7 @@ while [ $# -gt 0 ]; do
 done
 [ "${#builds[@]}" -ge 1 ] || usage
 [[ $rounds =~ ^[1-9][0-9]*$ ]] || die "--rounds must be a positive number"
+[[ $repeats =~ ^[1-9][0-9]*$ ]] || die "--repeat must be a positive number"
 for build in "${builds[@]}"; do
     dir=${build#*=}
     [ -x "$dir/replblkd" ] && [ -x "$dir/replblk-ctl" ] \
@@ -62,17 +67,25 @@ for round in $(seq 1 "$rounds"); do
         say "round $round of $rounds: $name"
         if ! "$here/bench.sh" --replblk-bin "$dir" --jobs "$jobs" \
             --targets "libublk-loop $target" --runtime "$runtime" --backing "$backing" \
+            --repeat "$repeats" \
             --out "$run" \
             > "$run.log" 2>&1; then
             say "warning: $name's boot $round failed; see $run.log"
         fi
         [ -f "$run/rows.tsv" ] || continue
         awk -F'\t' -v build="$name" -v round="$round" -v target="$target" '
-            $1 == "libublk-loop" { base[$2] = $3 }
-            $1 == target { mine[$2] = $3 }
+            $1 == "libublk-loop" { base[$2, ++nb[$2]] = $3 }
+            $1 == target { mine[$2, ++nm[$2]] = $3; jobs[$2] = 1 }
+            # The median of a job'"'"'s runs on one target (its --repeat runs).
+            function median(values, job, n,    i, k, x, v) {
+                for (i = 1; i <= n; i++) v[i] = values[job, i] + 0
+                for (i = 2; i <= n; i++) { x = v[i]; k = i - 1; while (k > 0 && v[k] > x) { v[k + 1] = v[k]; k-- } v[k + 1] = x }
+                return (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+            }
             END {
-                for (job in mine) if (base[job] > 0)
-                    printf "%s\t%s\t%s\t%.2f\n", build, round, job, mine[job] / base[job]
+                for (job in jobs) if (nb[job] > 0 && median(base, job, nb[job]) > 0)
+                    printf "%s\t%s\t%s\t%.2f\n", build, round, job,
+                        median(mine, job, nm[job]) / median(base, job, nb[job])
             }' "$run/rows.tsv" >> "$ratios"
     done
 done

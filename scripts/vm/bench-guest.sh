@@ -51,7 +51,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 fio_run="$here/../fio/run.sh"
 out="" loop_bin="" replblk_bin=""
-runtime=15 ramp=2 size=$((256 << 20)) replblk_wait=30 backing=tmpfs
+runtime=15 ramp=2 size=$((256 << 20)) replblk_wait=30 backing=tmpfs repeats=1
 jobs="randwrite-qd1 randwrite-qd32 seqwrite-1m randrw-70-30"
 targets="kernel-loop libublk-loop replblk-0 replblk-2"
 while [ $# -gt 0 ]; do
@@ -66,6 +66,7 @@ while [ $# -gt 0 ]; do
         --targets) targets=${2:?}; shift 2 ;;
         --replblk-wait) replblk_wait=${2:?}; shift 2 ;;
         --backing) backing=${2:?}; shift 2 ;;
+        --repeat) repeats=${2:?}; shift 2 ;;
         *) echo "bench-guest.sh: unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -333,6 +334,7 @@ env_put fio "$(fio --version)"
 env_put size_bytes "$size"
 env_put backing "$backing"
 env_put runtime_s "$runtime"
+env_put repeats "$repeats"
 env_put ramp_s "$ramp"
 t0=$SECONDS
 for t in $targets; do
@@ -458,15 +460,37 @@ profile_report() { # job target
     rm -f "$data"
 }
 
+# REPLBLK_BENCH_PIN: the servers' threads on the last vCPU, fio on the
+# first. Placement is otherwise the guest scheduler's, boot by boot: a
+# server sharing fio's vCPU or not changes how many cross-vCPU wake-ups a
+# request takes, which TCG makes slow. Threads the servers start later
+# (io-wq workers) take io_uring's own mask, not this one.
+pin_servers() {
+    local last=$(( $(nproc) - 1 )) pid task
+    for pid in ${ublk_pid:-} ${primary_pid[*]:-} ${secondary_pids[*]:-}; do
+        for task in /proc/"$pid"/task/*; do
+            # io_uring's own threads refuse a new mask; they keep theirs.
+            taskset -p -c "$last" "${task##*/}" > /dev/null 2>&1 || true
+        done
+    done
+}
+fio_prefix=()
+if [ -n "${REPLBLK_BENCH_PIN:-}" ]; then
+    fio_prefix=(taskset -c 0)
+    pin_servers
+    env_put pinned "servers on vCPU $(( $(nproc) - 1 )), fio on vCPU 0"
+fi
+
 failed=0 engine=()
+for repeat in $(seq 1 "$repeats"); do
 for job in $jobs; do
     for t in $targets; do
         [ -n "${dev_of[$t]:-}" ] || continue
-        say "$job on $t (${dev_of[$t]})"
+        say "$job on $t (${dev_of[$t]}), repeat $repeat of $repeats"
         profiler=""
         if [ -n "$perf_s" ]; then profile_start "$job" "$t" & profiler=$!; fi
         if [ -n "$counters_s" ]; then counters_start "$job" "$t" & profiler=$!; fi
-        "$fio_run" "${dev_of[$t]}" --jobs "$job" --label "$t" --runtime "$runtime" \
+        ${fio_prefix[@]+"${fio_prefix[@]}"} "$fio_run" "${dev_of[$t]}" --jobs "$job" --label "$t" --runtime "$runtime" \
             --ramp "$ramp" --size "$size" --json-dir "$out/json" --tsv "$out/rows.tsv" \
             "${engine[@]}" || failed=1
         if [ -n "$profiler" ]; then
@@ -479,6 +503,7 @@ for job in $jobs; do
             engine=(--ioengine "$(tail -n 1 "$out/rows.tsv" | cut -f 7)")
         fi
     done
+done
 done
 t1=$SECONDS
 cleanup

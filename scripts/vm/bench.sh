@@ -11,6 +11,7 @@
 #            [--jobs "JOB..."] [--targets "TARGET..."] [--out DIR]
 #            [--markdown FILE] [--no-build] [--replblk-bin DIR]
 #            [--replblk-wait S] [--timeout S] [--backing tmpfs|ext4-ram]
+#            [--repeat N]
 #   --runtime S       measured seconds per job and target (default 15)
 #   --ramp S          unmeasured seconds before each (default 2)
 #   --size-mib N      size of every device and backing file (default 256)
@@ -30,6 +31,10 @@
 #   --backing B       where the backing files go in the guest: tmpfs
 #                     (default) or ext4-ram, ext4 on a brd RAM disk (see
 #                     bench-guest.sh for why it matters)
+#   --repeat N        run the interleaved jobs N times over in the boot
+#                     (default 1); the table gives each job and target's
+#                     median run (by IOPS, by MiB/s for seqwrite-1m), and
+#                     the ratios are of those medians
 #
 # A replblk target that cannot make a device is reported "not available"
 # and the run carries on. libublk's loop example is built once from the
@@ -43,6 +48,7 @@
 # REPLBLK_BENCH_PERF_S (a profile of each run: perf/ in DIR),
 # REPLBLK_BENCH_COUNTERS_S (the server's counters: counters/ in DIR),
 # REPLBLK_BENCH_THP (the guest's transparent huge pages),
+# REPLBLK_BENCH_PIN (the servers on one vCPU, fio on the other),
 # passed to bench-guest.sh (see there).
 set -euo pipefail
 
@@ -50,14 +56,14 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${REPLBLK_VM_CACHE:-/var/cache/replblk-vm}
 libublk_version=${REPLBLK_LIBUBLK_VERSION:-0.4.8}
-runtime=15 ramp=2 size_mib=256 out="" markdown="" build=1 replblk_wait=30 timeout="" backing=tmpfs
+runtime=15 ramp=2 size_mib=256 out="" markdown="" build=1 replblk_wait=30 timeout="" backing=tmpfs repeats=1
 replblk_bin=""
 jobs="randwrite-qd1 randwrite-qd32 seqwrite-1m randrw-70-30"
 targets="kernel-loop libublk-loop replblk-0 replblk-2"
 
 say() { echo "bench.sh: $*" >&2; }
 die() { say "error: $*"; exit 1; }
-usage() { sed -n '2,43p' "$0" >&2; exit 2; }
+usage() { sed -n '2,52p' "$0" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case $1 in
         --runtime) runtime=${2:?}; shift 2 ;;
@@ -72,11 +78,12 @@ while [ $# -gt 0 ]; do
         --replblk-wait) replblk_wait=${2:?}; shift 2 ;;
         --timeout) timeout=${2:?}; shift 2 ;;
         --backing) backing=${2:?}; shift 2 ;;
+        --repeat) repeats=${2:?}; shift 2 ;;
         -h|--help) usage ;;
         *) say "unknown option: $1"; usage ;;
     esac
 done
-for n in "$runtime" "$ramp" "$size_mib" "$replblk_wait" ${timeout:+"$timeout"}; do
+for n in "$runtime" "$ramp" "$size_mib" "$replblk_wait" "$repeats" ${timeout:+"$timeout"}; do
     [[ $n =~ ^[0-9]+$ ]] || die "expected whole numbers, got $n"
 done
 case $backing in tmpfs|ext4-ram) ;; *) die "--backing: tmpfs or ext4-ram" ;; esac
@@ -91,7 +98,7 @@ n_targets=$(wc -w <<< "$targets")
 n_jobs=$(wc -w <<< "$jobs")
 # Per fio: runtime, ramp, and fio's start and teardown under TCG (~10 s),
 # with room; plus boot, the devices' setup and teardown.
-timeout=${timeout:-$((600 + 4 * replblk_wait + n_targets * n_jobs * (runtime + ramp + 60)))}
+timeout=${timeout:-$((600 + 4 * replblk_wait + repeats * n_targets * n_jobs * (runtime + ramp + 60)))}
 [ "$(id -u)" = 0 ] || die "must run as root (apt-get, qemu, $cache)"
 
 # --- host side: the VM, fio and jq, libublk's loop example --------------------
@@ -172,7 +179,7 @@ if [ -n "$replblk_bin" ]; then replblk_rev="binaries from $replblk_bin"; fi
 
 export REPLBLK_VM_MEM=${REPLBLK_VM_MEM:-4096}
 envs=()
-for v in REPLBLK_BENCH_TOML REPLBLK_BENCH_LOG_BYTES REPLBLK_BENCH_PRIMARY_ARGS REPLBLK_BENCH_PERF_S REPLBLK_BENCH_COUNTERS_S REPLBLK_BENCH_THP RUST_LOG; do
+for v in REPLBLK_BENCH_TOML REPLBLK_BENCH_LOG_BYTES REPLBLK_BENCH_PRIMARY_ARGS REPLBLK_BENCH_PERF_S REPLBLK_BENCH_COUNTERS_S REPLBLK_BENCH_THP REPLBLK_BENCH_PIN RUST_LOG; do
     if [ -n "${!v:-}" ]; then envs+=(--env "$v=${!v}"); fi
 done
 say "guest run: $n_targets targets x $n_jobs jobs of ${runtime}+${ramp} s, timeout $timeout s; output in $out"
@@ -182,7 +189,7 @@ rc=0
 guest_cmd=$(printf '%q ' "$here/bench-guest.sh" --out /mnt/results --loop-bin "$loop_bin" \
     --replblk-bin /mnt/results/bin --runtime "$runtime" --ramp "$ramp" \
     --size "$((size_mib << 20))" --jobs "$jobs" --targets "$targets" \
-    --replblk-wait "$replblk_wait" --backing "$backing")
+    --replblk-wait "$replblk_wait" --backing "$backing" --repeat "$repeats")
 "$here/run.sh" --timeout "$timeout" --results "$out" --log "$out/console.log" "${envs[@]}" \
     -- "$guest_cmd" || rc=$?
 wall=$((SECONDS - t0))
@@ -206,6 +213,10 @@ onoff() { case $1 in 1|on) echo on ;; 0|off) echo off ;; *) echo "unknown" ;; es
     echo "$(env_get runtime_s) s measured after $(env_get ramp_s) s ramp per job and target, jobs interleaved"
     echo "across targets; $((wall / 60)) min $((wall % 60)) s for the whole run; host load average"
     echo "(1 min) $load_range during it."
+    if [ "$(env_get repeats)" -gt 1 ] 2>/dev/null; then
+        echo "Every job ran $(env_get repeats) times on every target, interleaved; the table shows each one's median run."
+    fi
+    if [ -n "$(env_get pinned)" ]; then echo "Pinned: $(env_get pinned)."; fi
     echo "Kernel loop: direct I/O $(onoff "$(env_get kernel_loop_dio)") (/sys/block/loopN/loop/dio);"
     echo "libublk loop: backing file O_DIRECT $(onoff "$(env_get libublk_loop_odirect)") (fdinfo flags $(env_get libublk_loop_flags))."
     while IFS=$'\t' read -r t reason; do
@@ -213,8 +224,25 @@ onoff() { case $1 in 1|on) echo on ;; 0|off) echo off ;; *) echo "unknown" ;; es
     done < "$out/unavailable.tsv"
     echo
     awk -F'\t' -v jobs="$jobs" -v targets="$targets" '
-        FILENAME == ARGV[1] { iops[$1, $2] = $3; mib[$1, $2] = $4; p50[$1, $2] = $5; p99[$1, $2] = $6; have[$1, $2] = 1; next }
+        # With --repeat a job and target have several rows: keep the
+        # median one (by the figure the ratios use).
+        FILENAME == ARGV[1] {
+            k = ++runs[$1, $2]; row[$1, $2, k] = $0
+            key[$1, $2, k] = ($2 == "seqwrite-1m") ? $4 : $3
+            have[$1, $2] = 1; next
+        }
         { na[$1] = 1 }
+        function pick(t, j,    k, i, x, m, order, f) {
+            m = runs[t, j]
+            for (k = 1; k <= m; k++) order[k] = k
+            for (i = 2; i <= m; i++) {
+                x = order[i]; k = i - 1
+                while (k > 0 && key[t, j, order[k]] + 0 > key[t, j, x] + 0) { order[k + 1] = order[k]; k-- }
+                order[k + 1] = x
+            }
+            split(row[t, j, order[int((m + 1) / 2)]], f, "\t")
+            iops[t, j] = f[3]; mib[t, j] = f[4]; p50[t, j] = f[5]; p99[t, j] = f[6]
+        }
         function ratio(t, base, j,    m) {
             if (!((t, j) in have) || !((base, j) in have)) return "-"
             m = (j == "seqwrite-1m") ? mib[base, j] : iops[base, j]
@@ -222,6 +250,7 @@ onoff() { case $1 in 1|on) echo on ;; 0|off) echo off ;; *) echo "unknown" ;; es
             return sprintf("%.2fx", ((j == "seqwrite-1m") ? mib[t, j] : iops[t, j]) / m)
         }
         END {
+            for (tj in have) { split(tj, parts, SUBSEP); pick(parts[1], parts[2]) }
             print "| job | target | IOPS | MiB/s | p50 µs | p99 µs | vs kernel loop | vs libublk loop |"
             print "|---|---|---:|---:|---:|---:|---:|---:|"
             nj = split(jobs, J, " "); nt = split(targets, T, " ")
