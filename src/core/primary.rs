@@ -871,12 +871,16 @@ impl<P: Clone> Primary<P> {
         let blocked = self.slots.iter().any(|slot| {
             slot.local != LocalState::Written && slot.overlaps(offset_bytes, length_bytes)
         });
+        // The slot keeps the caller's handle and a local write starting now
+        // gets the one clone: in the daemon each clone and drop of a
+        // handle is an atomic operation.
+        let local_write = (!blocked).then(|| payload.clone());
         self.slots.push_back(Slot {
             id,
             offset_bytes,
             length_bytes,
             fua,
-            payload: Some(payload.clone()),
+            payload: Some(payload),
             local: if blocked {
                 LocalState::Blocked
             } else {
@@ -890,11 +894,11 @@ impl<P: Clone> Primary<P> {
             self.window_start_seq + self.slots.len() as u64,
             self.next_seq
         );
-        if !blocked {
+        if let Some(payload) = local_write {
             self.actions.push_back(Action::LocalWrite {
                 seq,
                 offset_bytes,
-                payload: payload.clone(),
+                payload,
             });
         }
         for member in 0..self.members.len() {

@@ -5,6 +5,7 @@ pub mod block_device;
 pub mod error;
 pub mod local_cluster;
 pub mod primary;
+mod replies;
 pub mod runtime;
 pub mod secondary;
 mod tool_server;

@@ -19,10 +19,10 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::error::NodeError;
+use super::replies::Replies;
 use super::volume::{Command, MemberStatus, Payload, VolumeError, VolumeStatus};
 use crate::buf::{AlignedBuf, SharedBuf};
 use crate::config::{Config, NodeConfig};
@@ -64,8 +64,8 @@ pub(crate) struct Engine {
     core: RefCell<Primary<Payload>>,
     data: Rc<File>,
     members: Vec<Member>,
-    replies: RefCell<FxHashMap<RequestId, oneshot::Sender<Result<(), VolumeError>>>>,
-    next_request_id: Cell<RequestId>,
+    /// Each request's waiter, by request id.
+    replies: RefCell<Replies>,
     stopping: Cell<bool>,
     /// False once the volume's channel closed: the engine is stopping and
     /// takes no more requests, from the channel or from a hosted frontend.
@@ -181,8 +181,7 @@ pub(crate) fn run(
                     stream: RefCell::new(None),
                 })
                 .collect(),
-            replies: RefCell::new(FxHashMap::default()),
-            next_request_id: Cell::new(1),
+            replies: RefCell::new(Replies::default()),
             stopping: Cell::new(false),
             accepting: Cell::new(true),
             reconnect_interval: Duration::from_millis(replication.reconnect_interval_ms),
@@ -603,10 +602,8 @@ impl Engine {
         let now = self.now_ms();
         let mut completions = Vec::with_capacity(records.len() + 1);
         for record in records {
-            let id = self.next_request_id.get();
-            self.next_request_id.set(id + 1);
             let (reply, done) = oneshot::channel();
-            self.replies.borrow_mut().insert(id, reply);
+            let id = self.replies.borrow_mut().insert_channel(reply);
             let length = record.payload.buf.len() as u32;
             self.core
                 .borrow_mut()
@@ -626,10 +623,8 @@ impl Engine {
         }
         // Then everything durable everywhere before the volume takes
         // requests: the flush covers every write submitted before it.
-        let id = self.next_request_id.get();
-        self.next_request_id.set(id + 1);
         let (reply, done) = oneshot::channel();
-        self.replies.borrow_mut().insert(id, reply);
+        let id = self.replies.borrow_mut().insert_channel(reply);
         self.core.borrow_mut().submit_flush(id, now);
         completions.push(done);
         self.pump();
@@ -680,19 +675,58 @@ impl Engine {
         self.accepting.set(false);
     }
 
-    /// Takes a request from a frontend on this thread (see
-    /// [`super::volume::LocalVolume`]) as if it came through the channel.
-    pub(crate) fn submit(self: &Rc<Self>, command: Command) -> Result<(), VolumeError> {
+    /// The requests' waiters, for [`super::replies::LocalReply`].
+    pub(crate) fn replies(&self) -> &RefCell<Replies> {
+        &self.replies
+    }
+
+    /// Takes a write from a frontend on this thread (see
+    /// [`super::volume::LocalVolume`]); the caller waits for it with a
+    /// [`super::replies::LocalReply`].
+    pub(crate) fn submit_local_write(
+        self: &Rc<Self>,
+        offset_bytes: u64,
+        payload: Payload,
+        fua: bool,
+    ) -> Result<RequestId, VolumeError> {
         if !self.accepting.get() {
             return Err(VolumeError::Stopped);
         }
-        self.handle(command);
+        let id = self.replies.borrow_mut().insert_local();
+        self.submit_write(id, offset_bytes, payload, fua);
         self.pump();
-        Ok(())
+        Ok(id)
+    }
+
+    /// As [`Engine::submit_local_write`], for a flush.
+    pub(crate) fn submit_local_flush(self: &Rc<Self>) -> Result<RequestId, VolumeError> {
+        if !self.accepting.get() {
+            return Err(VolumeError::Stopped);
+        }
+        let id = self.replies.borrow_mut().insert_local();
+        self.core.borrow_mut().submit_flush(id, self.now_ms());
+        self.pump();
+        Ok(id)
+    }
+
+    /// Hands write `id` to the core; a write it refuses completes at once
+    /// with the reason.
+    fn submit_write(&self, id: RequestId, offset_bytes: u64, payload: Payload, fua: bool) {
+        let length = payload.buf.len() as u32;
+        let submitted = self.core.borrow_mut().submit_write(
+            id,
+            offset_bytes,
+            length,
+            fua,
+            payload,
+            self.now_ms(),
+        );
+        if let Err(error) = submitted {
+            self.replies.borrow_mut().complete(id, Err(error.into()));
+        }
     }
 
     fn handle(self: &Rc<Self>, command: Command) {
-        let now = self.now_ms();
         match command {
             Command::Write {
                 offset_bytes,
@@ -700,31 +734,12 @@ impl Engine {
                 fua,
                 reply,
             } => {
-                let id = self.next_request_id.get();
-                self.next_request_id.set(id + 1);
-                let length = payload.buf.len() as u32;
-                let submitted = self.core.borrow_mut().submit_write(
-                    id,
-                    offset_bytes,
-                    length,
-                    fua,
-                    payload,
-                    now,
-                );
-                match submitted {
-                    Ok(()) => {
-                        self.replies.borrow_mut().insert(id, reply);
-                    }
-                    Err(error) => {
-                        let _ = reply.send(Err(error.into()));
-                    }
-                }
+                let id = self.replies.borrow_mut().insert_channel(reply);
+                self.submit_write(id, offset_bytes, payload, fua);
             }
             Command::Flush { reply } => {
-                let id = self.next_request_id.get();
-                self.next_request_id.set(id + 1);
-                self.replies.borrow_mut().insert(id, reply);
-                self.core.borrow_mut().submit_flush(id, now);
+                let id = self.replies.borrow_mut().insert_channel(reply);
+                self.core.borrow_mut().submit_flush(id, self.now_ms());
             }
             Command::Read {
                 offset_bytes,
@@ -884,9 +899,9 @@ impl Engine {
                 Action::SendFlush { member, seq } => self.send(member, &Frame::Flush { seq }),
                 Action::SendAllAcked { member, seq } => self.send(member, &Frame::AllAcked { seq }),
                 Action::Complete { id, result } => {
-                    if let Some(reply) = self.replies.borrow_mut().remove(&id) {
-                        let _ = reply.send(result.map_err(VolumeError::from));
-                    }
+                    self.replies
+                        .borrow_mut()
+                        .complete(id, result.map_err(VolumeError::from));
                 }
                 Action::MemberUnresponsive { member, owed } => {
                     let limit_ms = self.core.borrow().limits().ack_timeout_ms;
@@ -1116,6 +1131,8 @@ impl Engine {
         }
         let quiescent = self.core.borrow().is_quiescent();
         self.stopping.set(true);
+        // Whatever did not complete by now never will: its callers hear so.
+        self.replies.borrow_mut().stop_all();
         self.timer_rearm.notify_one();
         for member in &self.members {
             let outbox = member.outbox.borrow().clone();

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::error::NodeError;
 use super::primary;
+use super::replies::LocalReply;
 use crate::buf::{AlignedBuf, SharedBuf};
 use crate::config::Config;
 use crate::core::primary::{MemberStats, RequestError};
@@ -320,16 +321,18 @@ impl LocalVolume {
         data: SharedBuf,
         fua: bool,
     ) -> Result<(), VolumeError> {
-        let (command, done) = write_command(offset_bytes, data, fua, None);
-        self.engine.submit(command)?;
-        done.await.map_err(|_| VolumeError::Stopped)?
+        let payload = Payload {
+            buf: data,
+            crc32: None,
+        };
+        let id = self.engine.submit_local_write(offset_bytes, payload, fua)?;
+        LocalReply::new(self.engine.clone(), id).await
     }
 
     /// As [`Volume::flush`].
     pub async fn flush(&self) -> Result<(), VolumeError> {
-        let (reply, done) = oneshot::channel();
-        self.engine.submit(Command::Flush { reply })?;
-        done.await.map_err(|_| VolumeError::Stopped)?
+        let id = self.engine.submit_local_flush()?;
+        LocalReply::new(self.engine.clone(), id).await
     }
 }
 
