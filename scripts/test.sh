@@ -31,12 +31,14 @@ cargo fmt --all -- --check
 log "lints"
 cargo clippy --workspace --all-targets --release -- -D warnings
 
-# Release builds: the multi-process tests push tens of thousands of writes
-# through three processes, which a debug build makes several times slower.
+# Optimized builds (Cargo.toml's optimized-tests: release without its
+# link-time optimization): the multi-process tests push tens of thousands
+# of writes through three processes, which a debug build makes several
+# times slower.
 log "tests"
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
-cargo test --workspace --release 2>&1 | tee "$results"
+cargo test --workspace --profile optimized-tests 2>&1 | tee "$results"
 log "ublk end to end, in a VM (Debian's 6.12 kernel, qemu TCG)"
 e2e=passed
 scripts/vm/e2e.sh || e2e=failed
