@@ -26,9 +26,11 @@
 #   bench-guest.sh --out DIR --loop-bin PATH --replblk-bin DIR
 #                  [--runtime S] [--ramp S] [--size BYTES] [--jobs "JOB..."]
 #                  [--targets "TARGET..."] [--replblk-wait S]
-#                  [--backing tmpfs|ext4-ram]
+#                  [--backing tmpfs|ext4-ram] [--repeat N]
+# --repeat N runs the interleaved jobs N times over (a row per run).
 # Writes to DIR: rows.tsv (scripts/fio/run.sh --tsv), unavailable.tsv
-# (target, reason), env.tsv (key, value), json/, logs/.
+# (target, reason), env.tsv (key, value), json/ (the last run's of each job
+# and target), logs/.
 # Environment: REPLBLK_BENCH_TOML, TOML appended to each replblk config
 # (start it with a table header, e.g. "[device]"); REPLBLK_BENCH_LOG_BYTES,
 # each replblk node's log size (default 64 MiB); REPLBLK_BENCH_PERF_S, when
@@ -45,7 +47,8 @@
 # thread (a line each in counters/summary.tsv). It cannot be set with
 # REPLBLK_BENCH_PERF_S. REPLBLK_BENCH_THP (always, madvise or never), when
 # set, is written to the guest's transparent_hugepage/enabled before any
-# target starts.
+# target starts. REPLBLK_BENCH_PIN, when set, pins the servers and fio (see
+# pin_servers below).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
