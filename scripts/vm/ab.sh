@@ -57,6 +57,13 @@ out=${out:-$repo/target/vm-ab/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
+# The median of v[1..n], sorting v in place (insertion sort: a handful of
+# runs or rounds). Prepended to the awk programs below.
+awk_median='
+function median(v, n,    i, k, x) {
+    for (i = 2; i <= n; i++) { x = v[i]; k = i - 1; while (k > 0 && v[k] > x) { v[k + 1] = v[k]; k-- } v[k + 1] = x }
+    return (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+}'
 # One line per boot: build, round, job, ratio (replblk IOPS / libublk loop IOPS).
 ratios="$out/ratios.tsv"
 : > "$ratios"
@@ -73,19 +80,18 @@ for round in $(seq 1 "$rounds"); do
             say "warning: $name's boot $round failed; see $run.log"
         fi
         [ -f "$run/rows.tsv" ] || continue
-        awk -F'\t' -v build="$name" -v round="$round" -v target="$target" '
+        awk -F'\t' -v build="$name" -v round="$round" -v target="$target" "$awk_median"'
             $1 == "libublk-loop" { base[$2, ++nb[$2]] = $3 }
             $1 == target { mine[$2, ++nm[$2]] = $3; jobs[$2] = 1 }
             # The median of a job'"'"'s runs on one target (its --repeat runs).
-            function median(values, job, n,    i, k, x, v) {
+            function runs_median(values, job, n,    i, v) {
                 for (i = 1; i <= n; i++) v[i] = values[job, i] + 0
-                for (i = 2; i <= n; i++) { x = v[i]; k = i - 1; while (k > 0 && v[k] > x) { v[k + 1] = v[k]; k-- } v[k + 1] = x }
-                return (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+                return median(v, n)
             }
             END {
-                for (job in jobs) if (nb[job] > 0 && median(base, job, nb[job]) > 0)
+                for (job in jobs) if (nb[job] > 0 && runs_median(base, job, nb[job]) > 0)
                     printf "%s\t%s\t%s\t%.2f\n", build, round, job,
-                        median(mine, job, nm[job]) / median(base, job, nb[job])
+                        runs_median(mine, job, nm[job]) / runs_median(base, job, nb[job])
             }' "$run/rows.tsv" >> "$ratios"
     done
 done
@@ -97,16 +103,13 @@ echo "|---|---|---|---:|"
 for build in "${builds[@]}"; do
     name=${build%%=*}
     for job in $jobs; do
-        awk -F'\t' -v build="$name" -v job="$job" '
+        awk -F'\t' -v build="$name" -v job="$job" "$awk_median"'
             $1 == build && $3 == job { r[$2] = $4; n++ }
             END {
                 if (n == 0) { printf "| %s | %s | (no result) | |\n", build, job; exit }
                 line = ""; k = 0
-                for (i = 1; i <= 1000; i++) if (i in r) { line = line (k ? ", " : "") r[i] "x"; v[++k] = r[i] }
-                # A median by insertion sort: a handful of rounds.
-                for (i = 2; i <= k; i++) { x = v[i]; j = i - 1; while (j > 0 && v[j] > x) { v[j + 1] = v[j]; j-- } v[j + 1] = x }
-                median = (k % 2) ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2
-                printf "| %s | %s | %s | %.2fx |\n", build, job, line, median
+                for (i = 1; i <= 1000; i++) if (i in r) { line = line (k ? ", " : "") r[i] "x"; v[++k] = r[i] + 0 }
+                printf "| %s | %s | %s | %.2fx |\n", build, job, line, median(v, k)
             }' "$ratios"
     done
 done
