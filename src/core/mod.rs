@@ -6,5 +6,6 @@
 
 pub mod ack_tracker;
 pub mod catch_up;
+mod local_writes;
 pub mod primary;
 pub mod secondary;

@@ -37,6 +37,7 @@ use std::collections::VecDeque;
 use thiserror::Error;
 
 use super::ack_tracker::{AckTracker, MEMBERS_MAX};
+use super::local_writes::{Extent, LocalWrites};
 
 /// Caller's handle for a request; returned in its completion.
 pub type RequestId = u64;
@@ -387,13 +388,6 @@ impl<P: Clone> Slot<P> {
     }
 }
 
-impl<P> Slot<P> {
-    fn overlaps(&self, offset_bytes: u64, length_bytes: u32) -> bool {
-        self.offset_bytes < offset_bytes + u64::from(length_bytes)
-            && offset_bytes < self.offset_bytes + u64::from(self.length_bytes)
-    }
-}
-
 #[derive(Debug)]
 enum Pending<P> {
     Write {
@@ -508,6 +502,13 @@ pub struct Primary<P> {
     /// FUA writes in the window. With none, and no flush waiting, no local
     /// sync is wanted: the window is not scanned for one at every event.
     fua_slots: usize,
+    /// The slots whose local write is not finished (blocked or writing):
+    /// the overlap checks ask these rather than scan the window, which
+    /// also holds every written slot waiting for an older one to retire.
+    local_unwritten: LocalWrites,
+    /// Slots whose local write is blocked: with none, a finished write has
+    /// nothing to unblock.
+    local_blocked: usize,
     next_seq: u64,
     all_acked_seq: u64,
     pending: VecDeque<Pending<P>>,
@@ -586,6 +587,8 @@ impl<P: Clone> Primary<P> {
             window_start_seq: first_seq,
             window_bytes: 0,
             fua_slots: 0,
+            local_unwritten: LocalWrites::new(),
+            local_blocked: 0,
             next_seq: first_seq,
             all_acked_seq: first_seq - 1,
             pending: VecDeque::new(),
@@ -868,9 +871,13 @@ impl<P: Clone> Primary<P> {
                 self.tracker.mark_received(member, seq);
             }
         }
-        let blocked = self.slots.iter().any(|slot| {
-            slot.local != LocalState::Written && slot.overlaps(offset_bytes, length_bytes)
-        });
+        let extent = Extent {
+            seq,
+            offset_bytes,
+            end_bytes: offset_bytes + u64::from(length_bytes),
+        };
+        let blocked = self.local_unwritten.insert(extent);
+        self.local_blocked += usize::from(blocked);
         // The slot keeps the caller's handle and a local write starting now
         // gets the one clone: in the daemon each clone and drop of a
         // handle is an atomic operation.
@@ -1028,32 +1035,32 @@ impl<P: Clone> Primary<P> {
         if no_secondary {
             slot.payload = None;
         }
-        let (offset_bytes, length_bytes) = (slot.offset_bytes, slot.length_bytes);
-        self.unblock_after(seq, offset_bytes, length_bytes);
+        let extent = self.local_unwritten.remove(seq);
+        if self.local_blocked > 0 {
+            self.unblock_after(&extent);
+        }
         // Only this write's own state changed: no other write can have
         // become complete, so the window is not scanned for one.
         self.progress_checking(WritesToCheck::One(seq));
     }
 
-    /// Starts the local writes that were waiting only for `seq`.
-    fn unblock_after(&mut self, seq: u64, offset_bytes: u64, length_bytes: u32) {
-        let first = (seq - self.window_start_seq) as usize + 1;
-        for index in first..self.slots.len() {
-            let slot = &self.slots[index];
-            if slot.local != LocalState::Blocked || !slot.overlaps(offset_bytes, length_bytes) {
+    /// Starts the local writes that were waiting only for `written`, which
+    /// just finished.
+    fn unblock_after(&mut self, written: &Extent) {
+        for extent in self.local_unwritten.newer_overlapping(written) {
+            let slot = self.slot(extent.seq).expect("an unwritten slot is live");
+            if slot.local != LocalState::Blocked {
                 continue;
             }
-            let (offset, length) = (slot.offset_bytes, slot.length_bytes);
-            let still_blocked = self.slots.iter().take(index).any(|earlier| {
-                earlier.local != LocalState::Written && earlier.overlaps(offset, length)
-            });
-            if !still_blocked {
-                let slot = &mut self.slots[index];
+            if !self.local_unwritten.overlapped_by_older(&extent) {
+                self.local_blocked -= 1;
+                let slot = self.slot_mut(extent.seq).expect("checked above");
                 slot.local = LocalState::Writing;
+                let (offset_bytes, payload) = (slot.offset_bytes, slot.payload());
                 self.actions.push_back(Action::LocalWrite {
-                    seq: self.window_start_seq + index as u64,
-                    offset_bytes: slot.offset_bytes,
-                    payload: slot.payload(),
+                    seq: extent.seq,
+                    offset_bytes,
+                    payload,
                 });
             }
         }
@@ -1371,6 +1378,7 @@ impl<P: Clone> Primary<P> {
                 (0..self.slots.len()).all(|index| !self.is_completable(index)),
                 "a completable write was left out of the check"
             );
+            self.check_local_unwritten();
         }
         self.complete_flushes();
         self.retire();
@@ -1482,16 +1490,27 @@ impl<P: Clone> Primary<P> {
         }
     }
 
-    /// Every seq up to the returned one is written to the local copy.
-    fn local_written_through(&self) -> u64 {
-        let unwritten = self
+    /// The overlap checks' record of unfinished local writes agrees with
+    /// the slots (checked where the window is scanned anyway).
+    fn check_local_unwritten(&self) {
+        let mut recorded: Vec<u64> = self.local_unwritten.seqs().collect();
+        recorded.sort_unstable();
+        let unwritten: Vec<u64> = (self.window_start_seq..self.next_seq)
+            .zip(&self.slots)
+            .filter(|(_, slot)| slot.local != LocalState::Written)
+            .map(|(seq, _)| seq)
+            .collect();
+        assert_eq!(recorded, unwritten, "unfinished local writes");
+        let blocked = self
             .slots
             .iter()
-            .position(|slot| slot.local != LocalState::Written);
-        match unwritten {
-            Some(index) => self.window_start_seq + index as u64 - 1,
-            None => self.next_seq - 1,
-        }
+            .filter(|slot| slot.local == LocalState::Blocked);
+        assert_eq!(blocked.count(), self.local_blocked, "blocked local writes");
+    }
+
+    /// Every seq up to the returned one is written to the local copy.
+    fn local_written_through(&self) -> u64 {
+        self.local_unwritten.oldest_seq().unwrap_or(self.next_seq) - 1
     }
 
     fn request_local_sync(&mut self) {
