@@ -8,7 +8,8 @@
 # machines this runs on are shared and noisy (docs/BENCHMARKS.md).
 #
 # Usage: scripts/vm/ab.sh [--rounds N] [--jobs "JOB..."] [--target T]
-#            [--runtime S] [--backing B] [--repeat N] [--out DIR] NAME=BINDIR...
+#            [--runtime S] [--backing B] [--repeat N] [--icount SHIFT]
+#            [--out DIR] NAME=BINDIR...
 #   NAME=BINDIR   a build: a directory holding its replblkd and replblk-ctl
 #                 (e.g. a copy of target/release of some commit)
 #   --rounds N    boots per build (default 3)
@@ -19,6 +20,10 @@
 #                 or ext4-ram (see bench.sh)
 #   --repeat N    runs of each job per boot, interleaved (default 1); a
 #                 boot's ratio is then of the two targets' median IOPS
+#   --icount SHIFT  guest time counts instructions (see bench.sh): the
+#                 ratios then compare what each write costs in
+#                 instructions, and boots of one build agree within a few
+#                 percent
 #   --out DIR     keep every boot's results here (default
 #                 target/vm-ab/DATE-TIME)
 # Takes about (runtime + ramp) x 2 x jobs x repeat + 40 s per boot.
@@ -26,11 +31,11 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-rounds=3 jobs="randwrite-qd1 randwrite-qd32" target=replblk-0 runtime=15 backing=tmpfs repeats=1 out=""
+rounds=3 jobs="randwrite-qd1 randwrite-qd32" target=replblk-0 runtime=15 backing=tmpfs repeats=1 icount="" out=""
 builds=()
 say() { echo "ab.sh: $*" >&2; }
 die() { say "error: $*"; exit 1; }
-usage() { sed -n '2,25p' "$0" >&2; exit 2; }
+usage() { sed -n '2,30p' "$0" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case $1 in
         --rounds) rounds=${2:?}; shift 2 ;;
@@ -39,6 +44,7 @@ while [ $# -gt 0 ]; do
         --runtime) runtime=${2:?}; shift 2 ;;
         --backing) backing=${2:?}; shift 2 ;;
         --repeat) repeats=${2:?}; shift 2 ;;
+        --icount) icount=${2:?}; shift 2 ;;
         --out) out=${2:?}; shift 2 ;;
         -h|--help) usage ;;
         *=*) builds+=("$1"); shift ;;
@@ -74,7 +80,7 @@ for round in $(seq 1 "$rounds"); do
         say "round $round of $rounds: $name"
         if ! "$here/bench.sh" --replblk-bin "$dir" --jobs "$jobs" \
             --targets "libublk-loop $target" --runtime "$runtime" --backing "$backing" \
-            --repeat "$repeats" \
+            --repeat "$repeats" ${icount:+--icount "$icount"} \
             --out "$run" \
             > "$run.log" 2>&1; then
             say "warning: $name's boot $round failed; see $run.log"

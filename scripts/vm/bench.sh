@@ -11,7 +11,7 @@
 #            [--jobs "JOB..."] [--targets "TARGET..."] [--out DIR]
 #            [--markdown FILE] [--no-build] [--replblk-bin DIR]
 #            [--replblk-wait S] [--timeout S] [--backing tmpfs|ext4-ram]
-#            [--repeat N]
+#            [--repeat N] [--icount SHIFT]
 #   --runtime S       measured seconds per job and target (default 15)
 #   --ramp S          unmeasured seconds before each (default 2)
 #   --size-mib N      size of every device and backing file (default 256)
@@ -35,6 +35,15 @@
 #                     (default 1); the table gives each job and target's
 #                     median run (by IOPS, by MiB/s for seqwrite-1m), and
 #                     the ratios are of those medians
+#   --icount SHIFT    run the guest with qemu's -icount shift=SHIFT,sleep=off:
+#                     its clock advances 2^SHIFT ns per guest instruction
+#                     executed (on one host thread for all vCPUs), and jumps
+#                     ahead when every vCPU is idle. IOPS then count the
+#                     guest instructions each write costs, whatever the host
+#                     does meanwhile: repeat runs agree within a few percent
+#                     where real-time runs differ by up to 40%. 2 gives a
+#                     250 MIPS guest. Not a real machine's timing: use it to
+#                     compare builds, and for what costs CPU (docs/VM.md)
 #
 # A replblk target that cannot make a device is reported "not available"
 # and the run carries on. libublk's loop example is built once from the
@@ -56,14 +65,14 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${REPLBLK_VM_CACHE:-/var/cache/replblk-vm}
 libublk_version=${REPLBLK_LIBUBLK_VERSION:-0.4.8}
-runtime=15 ramp=2 size_mib=256 out="" markdown="" build=1 replblk_wait=30 timeout="" backing=tmpfs repeats=1
+runtime=15 ramp=2 size_mib=256 out="" markdown="" build=1 replblk_wait=30 timeout="" backing=tmpfs repeats=1 icount=""
 replblk_bin=""
 jobs="randwrite-qd1 randwrite-qd32 seqwrite-1m randrw-70-30"
 targets="kernel-loop libublk-loop replblk-0 replblk-2"
 
 say() { echo "bench.sh: $*" >&2; }
 die() { say "error: $*"; exit 1; }
-usage() { sed -n '2,52p' "$0" >&2; exit 2; }
+usage() { sed -n '2,61p' "$0" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case $1 in
         --runtime) runtime=${2:?}; shift 2 ;;
@@ -79,11 +88,12 @@ while [ $# -gt 0 ]; do
         --timeout) timeout=${2:?}; shift 2 ;;
         --backing) backing=${2:?}; shift 2 ;;
         --repeat) repeats=${2:?}; shift 2 ;;
+        --icount) icount=${2:?}; shift 2 ;;
         -h|--help) usage ;;
         *) say "unknown option: $1"; usage ;;
     esac
 done
-for n in "$runtime" "$ramp" "$size_mib" "$replblk_wait" "$repeats" ${timeout:+"$timeout"}; do
+for n in "$runtime" "$ramp" "$size_mib" "$replblk_wait" "$repeats" ${timeout:+"$timeout"} ${icount:+"$icount"}; do
     [[ $n =~ ^[0-9]+$ ]] || die "expected whole numbers, got $n"
 done
 case $backing in tmpfs|ext4-ram) ;; *) die "--backing: tmpfs or ext4-ram" ;; esac
@@ -178,6 +188,9 @@ fi
 if [ -n "$replblk_bin" ]; then replblk_rev="binaries from $replblk_bin"; fi
 
 export REPLBLK_VM_MEM=${REPLBLK_VM_MEM:-4096}
+if [ -n "$icount" ]; then
+    export REPLBLK_VM_QEMU_ARGS="${REPLBLK_VM_QEMU_ARGS:-} -icount shift=$icount,sleep=off"
+fi
 envs=()
 for v in REPLBLK_BENCH_TOML REPLBLK_BENCH_LOG_BYTES REPLBLK_BENCH_PRIMARY_ARGS REPLBLK_BENCH_PERF_S REPLBLK_BENCH_COUNTERS_S REPLBLK_BENCH_THP REPLBLK_BENCH_PIN RUST_LOG; do
     if [ -n "${!v:-}" ]; then envs+=(--env "$v=${!v}"); fi
@@ -202,7 +215,7 @@ env_get() { awk -F'\t' -v k="$1" '$1 == k {print $2; exit}' "$out/env.tsv"; }
 onoff() { case $1 in 1|on) echo on ;; 0|off) echo off ;; *) echo "unknown" ;; esac; }
 {
     echo "Run $(date +%Y-%m-%d), replblk $replblk_rev$replblk_built; guest kernel $(env_get guest_kernel)"
-    echo "under $(qemu-system-x86_64 --version | head -n 1 | sed 's/ (.*//') TCG, $(env_get guest_cpus) vCPUs,"
+    echo "under $(qemu-system-x86_64 --version | head -n 1 | sed 's/ (.*//') TCG${icount:+ with -icount shift=$icount,sleep=off (guest time counts instructions)}, $(env_get guest_cpus) vCPUs,"
     echo "$(env_get guest_mem_mib) MiB; host: $(nproc) cores, $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo),"
     echo "kernel $(uname -r). $(env_get fio), $(cut -f 7 "$out/rows.tsv" | sort -u | paste -sd/),"
     case $(env_get backing) in
