@@ -80,6 +80,7 @@ impl AckTracker {
     }
 
     /// The set of secondaries `seq` is sent to.
+    #[inline]
     pub fn set_mask(&self, seq: u64) -> u64 {
         self.set_masks[self.slot(seq)].load(Ordering::Acquire)
     }
@@ -104,6 +105,7 @@ impl AckTracker {
     }
 
     /// True when `member`'s indicators for `seq` are both set.
+    #[inline]
     pub fn is_acked_by(&self, member: usize, seq: u64) -> bool {
         let (word, bit) = self.bit(member, seq);
         self.sent[word].load(Ordering::Acquire) & bit != 0
@@ -113,6 +115,7 @@ impl AckTracker {
     /// Claim 9: every secondary of the update's set has both its sent and
     /// its received indicator set. An update with an empty set is trivially
     /// acknowledged.
+    #[inline]
     pub fn is_fully_acked(&self, seq: u64) -> bool {
         let mut mask = self.set_mask(seq);
         while mask != 0 {

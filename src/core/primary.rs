@@ -703,6 +703,12 @@ impl<P: Clone> Primary<P> {
         );
         self.set_now(now_ms);
         self.check_write(offset_bytes, length_bytes)?;
+        // Nothing queued before it and room for it: admitted at once,
+        // without the round trip through the queue.
+        if self.pending.is_empty() && self.window_has_room(length_bytes) {
+            self.start_write(id, offset_bytes, length_bytes, fua, payload);
+            return Ok(());
+        }
         self.pending.push_back(Pending::Write {
             id,
             offset_bytes,
