@@ -17,9 +17,11 @@
 //! ```
 //!
 //! The total over the argument (writes) is the core's instructions per
-//! write plus this driver's own few dozen (its random numbers and action
-//! loop). The engine around the core, its ring and the ublk queue cost
-//! more again; see docs/BENCHMARKS.md for the whole write.
+//! write plus this driver's own, about 130 (its random numbers, its action
+//! loop, and in `fifo` order the shift of its list of writes in flight),
+//! which stay the same from one build of the core to the next. The engine
+//! around the core, its ring and the ublk queue cost more again; see
+//! docs/BENCHMARKS.md for the whole write.
 
 use std::sync::Arc;
 
