@@ -197,6 +197,29 @@ impl File {
         .await
     }
 
+    /// Submits one write of `bytes` at `offset_bytes` and tells
+    /// `completions` its result under `token`, as [`crate::submit_to`]
+    /// says: the bytes written (a short write is the caller's to continue)
+    /// or -errno. Where [`File::write_all_at_then`] allocates its callback,
+    /// this costs a reference count.
+    ///
+    /// # Safety
+    ///
+    /// `bytes` stay valid and unchanged, and this file open, until the
+    /// completion (`completions` may own both: it lives that long).
+    pub unsafe fn write_at_to(
+        &self,
+        bytes: &[u8],
+        offset_bytes: u64,
+        completions: Rc<dyn crate::Completions>,
+        token: u64,
+    ) {
+        let length = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        let entry = write_entry(&self.fd, bytes.as_ptr(), length, offset_bytes);
+        // SAFETY: the caller's promise.
+        unsafe { crate::submit_to(entry, completions, token) };
+    }
+
     /// As [`File::write_all_at`], without a future: `then` gets the
     /// outcome and `buf` back, called from the ring's loop as
     /// [`crate::submit`] says (never from inside this call).
@@ -481,6 +504,38 @@ mod tests {
             file.read_exact_at(vec![0_u8; 4096], 200_000).await
         });
         assert_eq!(result.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn a_write_told_by_token_lands_and_reports_its_bytes() {
+        #[derive(Default)]
+        struct Told(std::cell::RefCell<Vec<(u64, i32)>>);
+        impl crate::Completions for Told {
+            fn completed(self: Rc<Self>, token: u64, result: i32) {
+                self.0.borrow_mut().push((token, result));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("copy");
+        let std_file = std::fs::File::create_new(&path).unwrap();
+        let ring = Ring::new().unwrap();
+        let data: Vec<u8> = (0..8192_u32).map(|i| (i % 251) as u8).collect();
+        let told = Rc::new(Told::default());
+        let told_in_ring = told.clone();
+        let bytes = data.clone();
+        ring.block_on(async move {
+            let file = File::from_std(std_file);
+            // SAFETY: `bytes` and `file` live until after the completion,
+            // which the sleep waits out.
+            unsafe { file.write_at_to(&bytes, 512, told_in_ring.clone(), 42) };
+            assert!(told_in_ring.0.borrow().is_empty(), "told from the loop");
+            while told_in_ring.0.borrow().is_empty() {
+                crate::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        });
+        assert_eq!(*told.0.borrow(), vec![(42, 8192)]);
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[512..], &data[..]);
     }
 
     #[test]

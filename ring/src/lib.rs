@@ -38,8 +38,8 @@ use slab::Slab;
 
 use fixed::FixedTable;
 pub use fixed::{register_file, FixedFile, FIXED_FILES_MAX};
-pub use op::{submit, Op};
-use op::{Callback, Completed, Slot};
+pub use op::{submit, submit_to, Completions, Op};
+use op::{Completed, Deferred, Slot};
 use timer::Timers;
 pub use timer::{sleep, sleep_until, timeout, Elapsed, Sleep};
 
@@ -81,9 +81,10 @@ pub struct Ring {
     wake_buffer: RefCell<Box<u64>>,
     /// The eventfd's read is in the ring.
     wake_armed: std::cell::Cell<bool>,
-    /// Callbacks of the turn's completions ([`submit`]), called once the
+    /// Callbacks and completions of the turn ([`submit`], [`submit_to`]),
+    /// run once the
     /// completions are all handed out; kept to reuse its memory.
-    callbacks: RefCell<Vec<(Callback, i32)>>,
+    callbacks: RefCell<Vec<(Deferred, i32)>>,
     /// The time of this turn, read at the first [`now`] after the ring
     /// last waited; `None` until then.
     turn_time: std::cell::Cell<Option<Instant>>,
@@ -301,8 +302,8 @@ impl Ring {
     /// borrow of the ring held: they may submit and spawn.
     fn call_back(&self) {
         let mut callbacks = std::mem::take(&mut *self.callbacks.borrow_mut());
-        for (callback, result) in callbacks.drain(..) {
-            callback(result);
+        for (deferred, result) in callbacks.drain(..) {
+            deferred.run(result);
         }
         // The emptied vector's memory is kept for the next turn: nothing
         // queued more meanwhile, as only a dispatch queues callbacks.
@@ -388,7 +389,7 @@ impl Ring {
                 }
                 CANCEL_USER_DATA => {}
                 key => match complete(&mut slots, key, entry.result()) {
-                    Some(Completed::Call(callback)) => callbacks.push((callback, entry.result())),
+                    Some(Completed::Run(deferred)) => callbacks.push((deferred, entry.result())),
                     Some(Completed::Free(slot)) => freed.push(slot),
                     Some(Completed::Kept) | None => {}
                 },
@@ -730,6 +731,40 @@ mod tests {
         let (result, ()) = ring.block_on(nop());
         assert_eq!(result, 0);
         drop(writer);
+    }
+
+    /// Records what it is told.
+    #[derive(Default)]
+    struct Told(RefCell<Vec<(u64, i32)>>);
+
+    impl Completions for Told {
+        fn completed(self: Rc<Self>, token: u64, result: i32) {
+            self.0.borrow_mut().push((token, result));
+        }
+    }
+
+    #[test]
+    fn completions_are_told_each_result_under_its_token_from_the_loop_once() {
+        let ring = Ring::new().unwrap();
+        let told = Rc::new(Told::default());
+        let completions: Rc<dyn Completions> = told.clone();
+        let (during, after) = ring.block_on(async {
+            for token in [7, 3, 9] {
+                // SAFETY: a no-op points at nothing.
+                unsafe { submit_to(opcode::Nop::new().build(), completions.clone(), token) };
+            }
+            let during = told.0.borrow().len();
+            // Two turns: the no-ops complete, then the sleep's timer fires.
+            sleep(Duration::from_millis(1)).await;
+            (during, told.0.borrow().clone())
+        });
+        assert_eq!(during, 0, "never told from inside a submission");
+        let mut after = after;
+        after.sort_unstable();
+        assert_eq!(after, vec![(3, 0), (7, 0), (9, 0)]);
+        assert!(ring.slots.borrow().is_empty());
+        drop(completions);
+        assert_eq!(Rc::strong_count(&told), 1, "the slots let go of it");
     }
 
     #[test]

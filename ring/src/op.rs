@@ -9,6 +9,7 @@
 use std::any::Any;
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use io_uring::squeue;
@@ -17,6 +18,34 @@ use super::Ring;
 
 /// What [`submit`] calls with the kernel's result.
 pub(super) type Callback = Box<dyn FnOnce(i32)>;
+
+/// Told of the completions of the operations submitted with
+/// [`submit_to`], each by the token it was submitted with. For a caller
+/// with many operations of one kind in flight (a ublk queue's commands):
+/// where [`submit`] allocates a closure per operation, this costs a
+/// reference count.
+pub trait Completions {
+    /// Operation `token` completed with `result` (bytes done, or -errno).
+    /// Called from the ring's loop once the turn's completions are handed
+    /// out, never from inside a submission; with the reference the
+    /// operation's slot held, for the next submission to take.
+    fn completed(self: Rc<Self>, token: u64, result: i32);
+}
+
+/// What is called once a turn's completions are handed out.
+pub(super) enum Deferred {
+    Call(Callback),
+    Tell(Rc<dyn Completions>, u64),
+}
+
+impl Deferred {
+    pub(super) fn run(self, result: i32) {
+        match self {
+            Deferred::Call(callback) => callback(result),
+            Deferred::Tell(completions, token) => completions.completed(token, result),
+        }
+    }
+}
 
 /// Where an operation stands.
 pub(super) enum Slot {
@@ -27,9 +56,10 @@ pub(super) enum Slot {
     /// Its future was dropped before the completion: what the entry points
     /// at is kept here until the kernel is done with it.
     Abandoned(#[allow(dead_code)] Option<Box<dyn Any>>),
-    /// Submitted by [`submit`]: called with the result once the ring has
-    /// handed out the turn's completions. Owns what the entry points at.
-    Callback(Callback),
+    /// Submitted by [`submit`] or [`submit_to`]: run with the result once
+    /// the ring has handed out the turn's completions. A callback owns what
+    /// the entry points at.
+    Deferred(Deferred),
 }
 
 impl Slot {
@@ -46,7 +76,7 @@ impl Slot {
                 Completed::Kept
             }
             abandoned @ Slot::Abandoned(_) => Completed::Free(abandoned),
-            Slot::Callback(callback) => Completed::Call(callback),
+            Slot::Deferred(deferred) => Completed::Run(deferred),
             Slot::Done(_) => unreachable!("an operation completed twice"),
         }
     }
@@ -63,8 +93,9 @@ pub(super) enum Completed {
     Kept,
     /// The slot can go; what it held is to be dropped.
     Free(Slot),
-    /// The slot can go; its callback is to be called with the result.
-    Call(Callback),
+    /// The slot can go; its callback or completions are to be run with
+    /// the result.
+    Run(Deferred),
 }
 
 /// Submits `entry` and calls `then` with the kernel's result and
@@ -89,7 +120,26 @@ pub unsafe fn submit<T: 'static>(
     Ring::with(|ring| {
         // SAFETY: the caller's promise; the slot owns the resources (in the
         // callback) until the completion.
-        unsafe { ring.push_slot(entry, Slot::Callback(callback)) };
+        unsafe { ring.push_slot(entry, Slot::Deferred(Deferred::Call(callback))) };
+    });
+}
+
+/// Submits `entry` and tells `completions` its result under `token` once
+/// it completes, as [`submit`] calls its callback. The slot holds
+/// `completions` (a reference) until then; if the ring's
+/// [`Ring::block_on`] ends first, it is dropped untold.
+///
+/// Panics outside [`Ring::block_on`].
+///
+/// # Safety
+///
+/// Every pointer in `entry` points into memory that stays valid until the
+/// completion (`completions` may own it: it lives that long).
+pub unsafe fn submit_to(entry: squeue::Entry, completions: Rc<dyn Completions>, token: u64) {
+    let deferred = Deferred::Tell(completions, token);
+    Ring::with(|ring| {
+        // SAFETY: the caller's promise.
+        unsafe { ring.push_slot(entry, Slot::Deferred(deferred)) };
     });
 }
 
@@ -154,7 +204,7 @@ impl<T: 'static> Future for Op<T> {
                     }
                     Poll::Pending
                 }
-                Slot::Abandoned(_) | Slot::Callback(_) => {
+                Slot::Abandoned(_) | Slot::Deferred(_) => {
                     unreachable!("a live operation's slot is its own")
                 }
             }
@@ -179,7 +229,7 @@ impl<T: 'static> Drop for Op<T> {
                     let kept = resources.take().map(|r| Box::new(r) as Box<dyn Any>);
                     slots[key] = Slot::Abandoned(kept);
                 }
-                Slot::Abandoned(_) | Slot::Callback(_) => {
+                Slot::Abandoned(_) | Slot::Deferred(_) => {
                     unreachable!("an operation is abandoned once")
                 }
             }

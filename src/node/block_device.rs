@@ -9,9 +9,10 @@
 //! is already in the copy.
 //!
 //! Queue 0 is hosted on the engine's thread ([`Volume::host`]), so its
-//! requests reach the engine by a call and complete without a wake-up of
-//! another thread; further queues, if configured, have threads of their
-//! own and reach the engine through the volume's channel.
+//! requests reach the engine by a call ([`LocalVolume::write_to`]) and
+//! their results come back to the queue by a call too, without a future or
+//! a wake-up; further queues, if configured, have threads of their own and
+//! reach the engine through the volume's channel.
 //!
 //! A write's payload is the request buffer the kernel copied the data into;
 //! the engine keeps a reference while replicas may still need it, so a tag
@@ -26,23 +27,75 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use replblk_ublk::{Errno, RequestBuffer, Target};
+use replblk_ublk::{Errno, HostedTarget, QueueHandle, RequestBuffer, Target};
 
 use super::error::NodeError;
-use super::volume::{HostedJob, Replicate, Volume, VolumeError};
+use super::volume::{HostedJob, LocalVolume, ReplySink, Volume, VolumeError};
 use crate::buf::{AlignedBuf, SharedBuf};
 use crate::config::Config;
 
-/// The volume as a ublk target.
-pub struct VolumeTarget<V> {
-    volume: V,
+/// The volume as a ublk target, for the queues on threads of their own.
+pub struct VolumeTarget {
+    volume: Arc<Volume>,
     /// The primary's copy, opened for O_DIRECT reads.
     data: Arc<File>,
 }
 
-impl<V: Replicate> VolumeTarget<V> {
+impl VolumeTarget {
     fn data_fd(&self) -> RawFd {
         self.data.as_raw_fd()
+    }
+}
+
+/// The volume as the target of the queue hosted on the engine's thread.
+struct HostedVolumeTarget {
+    volume: LocalVolume,
+    /// The primary's copy, opened for O_DIRECT reads.
+    data: Arc<File>,
+    /// Where the engine's results go: the queue, by tag.
+    replies: Rc<dyn ReplySink>,
+}
+
+/// Hands the engine's results to the hosted queue, by tag.
+struct QueueReplies(QueueHandle);
+
+impl ReplySink for QueueReplies {
+    fn reply(&self, token: u64, result: Result<(), VolumeError>) {
+        let tag = u16::try_from(token).expect("tokens are the queue's tags");
+        let result = result.map_err(|error| {
+            tracing::error!(tag, %error, "write or flush failed");
+            errno(&error)
+        });
+        self.0.answer(tag, result);
+    }
+}
+
+impl HostedTarget for HostedVolumeTarget {
+    type Buffer = TagBuffer;
+
+    fn new_buffer(&self, capacity_bytes: usize) -> TagBuffer {
+        TagBuffer::new(capacity_bytes, POOL.with(Rc::clone))
+    }
+
+    fn read_file(&self) -> RawFd {
+        self.data.as_raw_fd()
+    }
+
+    fn write(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u32,
+        buffer: &mut TagBuffer,
+        fua: bool,
+        tag: u16,
+    ) {
+        let payload = SharedBuf::prefix(buffer.buf.clone(), length_bytes as usize);
+        self.volume
+            .write_to(offset_bytes, payload, fua, &self.replies, u64::from(tag));
+    }
+
+    fn flush(&self, tag: u16) {
+        self.volume.flush_to(&self.replies, u64::from(tag));
     }
 }
 
@@ -133,12 +186,13 @@ impl Drop for TagBuffer {
 }
 
 // SAFETY: the memory is an AlignedBuf of `capacity_bytes` kept alive by the
-// Arc this buffer holds. `as_mut_ptr` goes through `Arc::get_mut`, which
-// proves no payload (SharedBuf) shares it, and a write swaps the memory out
-// before the next call whenever a payload still does; so between two calls
+// Arc this buffer holds. `as_mut_ptr` first swaps the memory out if a
+// write's payload (SharedBuf) still shares it, then goes through
+// `Arc::get_mut`, which proves nobody else does; so between two calls
 // nobody but the kernel reads or writes it.
 unsafe impl RequestBuffer for TagBuffer {
     fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.release_if_shared();
         Arc::get_mut(&mut self.buf)
             .expect("a request buffer is shared with a payload still in use")
             .as_mut_slice()
@@ -157,7 +211,7 @@ fn errno(error: &VolumeError) -> Errno {
     }
 }
 
-impl<V: Replicate> Target for VolumeTarget<V> {
+impl Target for VolumeTarget {
     type Buffer = TagBuffer;
 
     fn new_buffer(&self, capacity_bytes: usize) -> TagBuffer {
@@ -193,8 +247,9 @@ impl<V: Replicate> Target for VolumeTarget<V> {
         fua: bool,
     ) -> Result<(), Errno> {
         let payload = SharedBuf::prefix(buffer.buf.clone(), length_bytes as usize);
+        // The memory is swapped out before the kernel's next copy into it if
+        // the engine still holds the payload (`as_mut_ptr`).
         let result = self.volume.write(offset_bytes, payload, fua).await;
-        buffer.release_if_shared();
         result.map_err(|error| {
             tracing::error!(offset_bytes, length_bytes, %error, "write failed");
             errno(&error)
@@ -497,11 +552,11 @@ pub fn serve(
     let host_data = data.clone();
     let host: Box<dyn FnOnce(replblk_ublk::HostedQueue) + Send> = Box::new(move |queue| {
         let job: HostedJob = Box::new(move |volume| {
-            let target = Rc::new(VolumeTarget {
+            Box::pin(queue.serve(move |handle| HostedVolumeTarget {
                 volume,
                 data: host_data,
-            });
-            Box::pin(queue.serve(target))
+                replies: Rc::new(QueueReplies(handle)),
+            }))
         });
         // Refused only when the engine has stopped; the queue, dropped with
         // the job, then fails the device's start.

@@ -19,11 +19,12 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use slab::Slab;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::error::NodeError;
 use super::replies::Replies;
-use super::volume::{Command, MemberStatus, Payload, VolumeError, VolumeStatus};
+use super::volume::{Command, MemberStatus, Payload, ReplySink, VolumeError, VolumeStatus};
 use crate::buf::{AlignedBuf, SharedBuf};
 use crate::config::{Config, NodeConfig};
 use crate::core::catch_up::{plan_catch_up, CatchUpPlan};
@@ -66,6 +67,8 @@ pub(crate) struct Engine {
     members: Vec<Member>,
     /// Each request's waiter, by request id.
     replies: RefCell<Replies>,
+    /// The copy's writes in the ring, by the token the ring tells.
+    local_writes: RefCell<Slab<LocalWrite>>,
     stopping: Cell<bool>,
     /// False once the volume's channel closed: the engine is stopping and
     /// takes no more requests, from the channel or from a hosted frontend.
@@ -86,6 +89,15 @@ pub(crate) struct Engine {
     log_full_waits_seen: Cell<u64>,
     /// Wakes the reporter task when a log-full wait begins.
     log_full_began: Notify,
+}
+
+/// A write to the primary's copy, in the ring.
+struct LocalWrite {
+    seq: u64,
+    offset_bytes: u64,
+    /// Written so far: a short write is continued.
+    done_bytes: usize,
+    payload: SharedBuf,
 }
 
 /// A secondary's connection after the handshake.
@@ -182,6 +194,7 @@ pub(crate) fn run(
                 })
                 .collect(),
             replies: RefCell::new(Replies::default()),
+            local_writes: RefCell::new(Slab::new()),
             stopping: Cell::new(false),
             accepting: Cell::new(true),
             reconnect_interval: Duration::from_millis(replication.reconnect_interval_ms),
@@ -524,6 +537,15 @@ async fn handshake(
     })
 }
 
+/// The ring's answers for the copy's writes, by their keys in
+/// `Engine::local_writes`.
+impl crate::ring::Completions for Engine {
+    fn completed(self: Rc<Self>, token: u64, result: i32) {
+        let key = usize::try_from(token).expect("tokens are table keys");
+        self.local_write_done(key, result);
+    }
+}
+
 impl super::tool_server::VolumeReport for Engine {
     fn hello(&self) -> Hello {
         Hello {
@@ -698,6 +720,34 @@ impl Engine {
         Ok(id)
     }
 
+    /// Takes a write from a frontend on this thread whose result `sink` is
+    /// told with `token` (see [`super::volume::LocalVolume::write_to`]).
+    pub(crate) fn submit_sink_write(
+        self: &Rc<Self>,
+        offset_bytes: u64,
+        payload: Payload,
+        fua: bool,
+        sink: &Rc<dyn ReplySink>,
+        token: u64,
+    ) {
+        if !self.accepting.get() {
+            return sink.reply(token, Err(VolumeError::Stopped));
+        }
+        let id = self.replies.borrow_mut().insert_sink(sink.clone(), token);
+        self.submit_write(id, offset_bytes, payload, fua);
+        self.pump();
+    }
+
+    /// As [`Engine::submit_sink_write`], for a flush.
+    pub(crate) fn submit_sink_flush(self: &Rc<Self>, sink: &Rc<dyn ReplySink>, token: u64) {
+        if !self.accepting.get() {
+            return sink.reply(token, Err(VolumeError::Stopped));
+        }
+        let id = self.replies.borrow_mut().insert_sink(sink.clone(), token);
+        self.core.borrow_mut().submit_flush(id, self.now_ms());
+        self.pump();
+    }
+
     /// As [`Engine::submit_local_write`], for a flush.
     pub(crate) fn submit_local_flush(self: &Rc<Self>) -> Result<RequestId, VolumeError> {
         if !self.accepting.get() {
@@ -722,7 +772,10 @@ impl Engine {
             self.now_ms(),
         );
         if let Err(error) = submitted {
-            self.replies.borrow_mut().complete(id, Err(error.into()));
+            let told = self.replies.borrow_mut().complete(id, Err(error.into()));
+            if let Some(told) = told {
+                told.tell();
+            }
         }
     }
 
@@ -835,24 +888,12 @@ impl Engine {
                     seq,
                     offset_bytes,
                     payload,
-                } => {
-                    // A callback rather than a task: the one thing to do
-                    // on completion is to tell the core.
-                    let engine = self.clone();
-                    self.data
-                        .write_all_at_then(payload.buf, offset_bytes, move |result, _| {
-                            let result = result.map_err(|error| error.to_string());
-                            if let Err(reason) = &result {
-                                tracing::error!(seq, %reason, "write to the primary's copy failed");
-                            }
-                            let now_ms = engine.now_ms();
-                            engine
-                                .core
-                                .borrow_mut()
-                                .local_write_done(seq, result, now_ms);
-                            engine.pump();
-                        });
-                }
+                } => self.write_locally(LocalWrite {
+                    seq,
+                    offset_bytes,
+                    done_bytes: 0,
+                    payload: payload.buf,
+                }),
                 Action::LocalSync { through_seq } => {
                     let engine = self.clone();
                     crate::ring::spawn(async move {
@@ -899,9 +940,13 @@ impl Engine {
                 Action::SendFlush { member, seq } => self.send(member, &Frame::Flush { seq }),
                 Action::SendAllAcked { member, seq } => self.send(member, &Frame::AllAcked { seq }),
                 Action::Complete { id, result } => {
-                    self.replies
+                    let told = self
+                        .replies
                         .borrow_mut()
                         .complete(id, result.map_err(VolumeError::from));
+                    if let Some(told) = told {
+                        told.tell();
+                    }
                 }
                 Action::MemberUnresponsive { member, owed } => {
                     let limit_ms = self.core.borrow().limits().ack_timeout_ms;
@@ -924,6 +969,56 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Submits what is left of a local write (all of it, or the rest after
+    /// a short write); the ring tells [`Engine::local_write_done`] by the
+    /// write's key in `local_writes`.
+    fn write_locally(self: &Rc<Self>, write: LocalWrite) {
+        let mut writes = self.local_writes.borrow_mut();
+        let key = writes.insert(write);
+        let write = &writes[key];
+        let rest = &write.payload.as_slice()[write.done_bytes..];
+        let offset_bytes = write.offset_bytes + write.done_bytes as u64;
+        // SAFETY: the bytes are the payload's heap memory, which the entry
+        // in `local_writes` keeps, unchanged, until the completion; the
+        // file is the engine's, which the ring's slot keeps alive by its
+        // reference to the engine.
+        unsafe {
+            self.data
+                .write_at_to(rest, offset_bytes, self.clone(), key as u64)
+        };
+    }
+
+    /// The ring's answer for local write `key`: the core hears of it once
+    /// all of it is written, or it failed.
+    fn local_write_done(self: &Rc<Self>, key: usize, result: i32) {
+        let mut write = self.local_writes.borrow_mut().remove(key);
+        let outcome = match result {
+            done if done > 0 => {
+                write.done_bytes += done as usize;
+                if write.done_bytes < write.payload.len() {
+                    return self.write_locally(write);
+                }
+                Ok(())
+            }
+            error if error == -libc::EINTR => return self.write_locally(write),
+            0 => Err("the file took none of the bytes written (no space?)".to_string()),
+            error => Err(std::io::Error::from_raw_os_error(-error).to_string()),
+        };
+        let seq = write.seq;
+        // Let go of the payload before the core hears of the write: one it
+        // completes may have its request buffer reused at once, which must
+        // then be unshared to be reused without a copy.
+        drop(write);
+        if let Err(reason) = &outcome {
+            tracing::error!(seq, %reason, "write to the primary's copy failed");
+        }
+        let now_ms = self.now_ms();
+        self.core
+            .borrow_mut()
+            .local_write_done(seq, outcome, now_ms);
+        self.pump();
     }
 
     /// Wakes the timer task if the core's next deadline is earlier than the
@@ -1132,7 +1227,10 @@ impl Engine {
         let quiescent = self.core.borrow().is_quiescent();
         self.stopping.set(true);
         // Whatever did not complete by now never will: its callers hear so.
-        self.replies.borrow_mut().stop_all();
+        let told = self.replies.borrow_mut().stop_all();
+        for told in told {
+            told.tell();
+        }
         self.timer_rearm.notify_one();
         for member in &self.members {
             let outbox = member.outbox.borrow().clone();

@@ -7,7 +7,9 @@
 //! entry, so its reply costs no allocation, where a oneshot allocates its
 //! shared state and makes an atomic operation at each send, poll and drop;
 //! and the request id is the entry's index, so a completion finds its
-//! waiter without hashing.
+//! waiter without hashing. A request whose caller gave a
+//! [`ReplySink`] (a hosted ublk queue's) has its result told to the sink,
+//! with the caller's token: no future at all.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,7 +20,7 @@ use slab::Slab;
 use tokio::sync::oneshot;
 
 use super::primary::Engine;
-use super::volume::VolumeError;
+use super::volume::{ReplySink, VolumeError};
 use crate::core::primary::RequestId;
 
 /// What a write or a flush completes with.
@@ -36,6 +38,23 @@ enum Waiter {
         /// result, so the completion frees the entry.
         abandoned: bool,
     },
+    /// A caller on the engine's thread that is told the result.
+    Sink { sink: Rc<dyn ReplySink>, token: u64 },
+}
+
+/// A result for a [`ReplySink`], to tell once the table is no longer
+/// borrowed: the sink may make requests of the engine again.
+#[must_use = "the sink waits to be told"]
+pub(crate) struct Told {
+    sink: Rc<dyn ReplySink>,
+    token: u64,
+    result: Reply,
+}
+
+impl Told {
+    pub(crate) fn tell(self) {
+        self.sink.reply(self.token, self.result);
+    }
 }
 
 /// The waiters of the requests in the core, indexed by request id. An id
@@ -65,17 +84,31 @@ impl Replies {
         }) as RequestId
     }
 
-    /// Hands `result` to request `id`'s waiter. The core completes each
-    /// request once; an id with no waiter is ignored.
-    pub(crate) fn complete(&mut self, id: RequestId, result: Reply) {
+    /// A request made on the engine's thread whose result `sink` is told,
+    /// with `token`.
+    pub(crate) fn insert_sink(&mut self, sink: Rc<dyn ReplySink>, token: u64) -> RequestId {
+        self.waiters.insert(Waiter::Sink { sink, token }) as RequestId
+    }
+
+    /// Hands `result` to request `id`'s waiter; a sink's is returned, to be
+    /// told by the caller. The core completes each request once; an id with
+    /// no waiter is ignored.
+    pub(crate) fn complete(&mut self, id: RequestId, result: Reply) -> Option<Told> {
         let key = key(id);
-        let Some(waiter) = self.waiters.get_mut(key) else {
-            return;
-        };
+        let waiter = self.waiters.get_mut(key)?;
         match waiter {
             Waiter::Channel(_) => {
                 if let Waiter::Channel(reply) = self.waiters.remove(key) {
                     let _ = reply.send(result);
+                }
+            }
+            Waiter::Sink { .. } => {
+                if let Waiter::Sink { sink, token } = self.waiters.remove(key) {
+                    return Some(Told {
+                        sink,
+                        token,
+                        result,
+                    });
                 }
             }
             Waiter::Local {
@@ -99,21 +132,25 @@ impl Replies {
                 }
             }
         }
+        None
     }
 
     /// Completes every request still waiting with `VolumeError::Stopped`:
-    /// the engine is going away and will not complete them.
-    pub(crate) fn stop_all(&mut self) {
+    /// the engine is going away and will not complete them. Returns what
+    /// the sinks are to be told.
+    pub(crate) fn stop_all(&mut self) -> Vec<Told> {
         let ids: Vec<usize> = self.waiters.iter().map(|(key, _)| key).collect();
+        let mut told = Vec::new();
         for key in ids {
             let waiting = match &self.waiters[key] {
-                Waiter::Channel(_) => true,
+                Waiter::Channel(_) | Waiter::Sink { .. } => true,
                 Waiter::Local { result, .. } => result.is_none(),
             };
             if waiting {
-                self.complete(key as RequestId, Err(VolumeError::Stopped));
+                told.extend(self.complete(key as RequestId, Err(VolumeError::Stopped)));
             }
         }
+        told
     }
 
     fn poll_local(&mut self, id: RequestId, cx: &mut Context<'_>) -> Poll<Reply> {
@@ -250,13 +287,45 @@ mod tests {
     fn a_completion_after_stopping_leaves_the_stopped_answer() {
         let mut replies = Replies::default();
         let id = replies.insert_local();
-        replies.stop_all();
-        replies.complete(id, Ok(()));
+        assert!(replies.stop_all().is_empty(), "no sink to tell");
+        assert!(replies.complete(id, Ok(())).is_none());
         let mut cx = Context::from_waker(Waker::noop());
         assert_eq!(
             replies.poll_local(id, &mut cx),
             Poll::Ready(Err(VolumeError::Stopped))
         );
+    }
+
+    /// Records what it is told.
+    #[derive(Default)]
+    struct Recorded(std::cell::RefCell<Vec<(u64, Reply)>>);
+
+    impl ReplySink for Recorded {
+        fn reply(&self, token: u64, result: Reply) {
+            self.0.borrow_mut().push((token, result));
+        }
+    }
+
+    #[test]
+    fn a_sink_is_told_its_result_with_its_token_once_and_by_the_caller() {
+        let mut replies = Replies::default();
+        let recorded = Rc::new(Recorded::default());
+        let sink: Rc<dyn ReplySink> = recorded.clone();
+        let done = replies.insert_sink(sink.clone(), 17);
+        let stopped = replies.insert_sink(sink, 4);
+        let told = replies.complete(done, Ok(())).expect("a sink's result");
+        assert!(recorded.0.borrow().is_empty(), "told only by the caller");
+        told.tell();
+        assert!(replies.complete(done, Ok(())).is_none(), "completed once");
+        for told in replies.stop_all() {
+            told.tell();
+        }
+        assert_eq!(
+            *recorded.0.borrow(),
+            vec![(17, Ok(())), (4, Err(VolumeError::Stopped))]
+        );
+        assert_eq!(replies.len(), 0);
+        let _ = stopped;
     }
 
     #[test]
@@ -267,7 +336,7 @@ mod tests {
         let waiting = replies.insert_local();
         let answered = replies.insert_local();
         replies.complete(answered, Ok(()));
-        replies.stop_all();
+        assert!(replies.stop_all().is_empty(), "no sink to tell");
         assert_eq!(receiver.try_recv(), Ok(Err(VolumeError::Stopped)));
         let waker = Waker::noop();
         let mut cx = Context::from_waker(waker);

@@ -334,6 +334,40 @@ impl LocalVolume {
         let id = self.engine.submit_local_flush()?;
         LocalReply::new(self.engine.clone(), id).await
     }
+
+    /// As [`LocalVolume::write`], without a future: `sink` is told the
+    /// result with `token`, from the engine's loop, or at once (within
+    /// this call) if the write is refused or the engine has stopped.
+    pub fn write_to(
+        &self,
+        offset_bytes: u64,
+        data: SharedBuf,
+        fua: bool,
+        sink: &Rc<dyn ReplySink>,
+        token: u64,
+    ) {
+        let payload = Payload {
+            buf: data,
+            crc32: None,
+        };
+        self.engine
+            .submit_sink_write(offset_bytes, payload, fua, sink, token);
+    }
+
+    /// As [`LocalVolume::flush`], telling `sink` as
+    /// [`LocalVolume::write_to`] does.
+    pub fn flush_to(&self, sink: &Rc<dyn ReplySink>, token: u64) {
+        self.engine.submit_sink_flush(sink, token);
+    }
+}
+
+/// Told the results of the requests made with [`LocalVolume::write_to`] and
+/// [`LocalVolume::flush_to`], each with the token it was made with. Every
+/// request is told exactly once: with its result, or with
+/// `VolumeError::Stopped` when the engine stops first.
+pub trait ReplySink {
+    /// Request `token` completed with `result`.
+    fn reply(&self, token: u64, result: Result<(), VolumeError>);
 }
 
 /// Writes and flushes through the volume API from either side of it: over

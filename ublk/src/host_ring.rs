@@ -1,7 +1,7 @@
-//! A hosted queue's operations on its host's own io_uring.
+//! A hosted queue's commands for its host's own io_uring.
 //!
 //! A hosted queue ([`crate::HostedQueue`]) runs on a thread whose loop is
-//! `replblk_ring`'s. Its ublk commands and its target's reads go into that
+//! `replblk_ring`'s. Its ublk commands and its reads go into that
 //! ring, the same ring as the host's file writes and sockets, so the thread
 //! has one ring to submit to and one to wait on: a request, its write to
 //! the copy and its commit are all completions of that ring, and no second
@@ -11,51 +11,10 @@
 //! first request, i.e. the thread that enters the ring; the ring is
 //! entered by its own thread alone, the host's thread.
 
-use std::cell::Cell;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 
 use io_uring::{opcode, squeue, types};
-
-thread_local! {
-    /// Whether this thread serves a hosted queue, whose reads go to the
-    /// host's ring rather than libublk's.
-    static SERVING_HOSTED_QUEUE: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Marks the calling thread as a hosted queue's host until dropped.
-pub(crate) struct HostedThread(());
-
-impl HostedThread {
-    pub(crate) fn enter() -> HostedThread {
-        SERVING_HOSTED_QUEUE.with(|serving| serving.set(true));
-        HostedThread(())
-    }
-}
-
-impl Drop for HostedThread {
-    fn drop(&mut self) {
-        SERVING_HOSTED_QUEUE.with(|serving| serving.set(false));
-    }
-}
-
-/// Whether the calling thread serves a hosted queue.
-pub(crate) fn serving_hosted_queue() -> bool {
-    SERVING_HOSTED_QUEUE.with(Cell::get)
-}
-
-/// Submits `entry` to the calling thread's ring and waits for its result:
-/// bytes done, or -errno as the kernel gave it. What the entry points at
-/// (a tag's buffer, the queue's request descriptors) must stay valid until
-/// the result arrives, also if this future is dropped before that (the ring
-/// then keeps the operation until its completion): a hosted queue's tags
-/// and buffers live as long as the device. `keep` is held until then too.
-async fn submit<K: 'static>(entry: squeue::Entry, keep: K) -> i32 {
-    // SAFETY: the entry owns nothing; what it points at is kept valid by
-    // the caller until the completion, as said above.
-    let (result, _) = unsafe { replblk_ring::Op::new(entry, keep) }.await;
-    result
-}
 
 /// A queue's char device as the host's ring names it: by its entry in the
 /// ring's table of files when it got one (as libublk's own queues do: the
@@ -88,14 +47,14 @@ fn io_command_bytes(queue_id: u16, tag: u16, result: i32, buffer_address: u64) -
     bytes
 }
 
-/// One ublk io command (`UBLK_U_IO_FETCH_REQ` or
+/// The entry of one ublk io command (`UBLK_U_IO_FETCH_REQ` or
 /// `UBLK_U_IO_COMMIT_AND_FETCH_REQ`) for `tag` of queue `queue_id` on the
-/// device's char device `device`; returns the kernel's result
-/// (`UBLK_IO_RES_OK` once a request is waiting in the tag,
-/// `UBLK_IO_RES_ABORT` once the queue is going away). The kernel copies
-/// requests into and out of `buffer_address` until the next command's
-/// result: the caller keeps that memory valid until then.
-pub(crate) async fn io_command(
+/// device's char device `device`. Its result is `UBLK_IO_RES_OK` once a
+/// request is waiting in the tag, `UBLK_IO_RES_ABORT` once the queue is
+/// going away. The kernel copies requests into and out of `buffer_address`
+/// until the next command's result: the caller keeps that memory valid
+/// until then, and `device` alive until the result.
+pub(crate) fn io_command_entry(
     device: &DeviceFile,
     ioctl_encoded: bool,
     queue_id: u16,
@@ -103,7 +62,7 @@ pub(crate) async fn io_command(
     command: u32,
     result: i32,
     buffer_address: u64,
-) -> i32 {
+) -> squeue::Entry {
     // Drivers without UBLK_F_CMD_IOCTL_ENCODE know the commands by their
     // number alone, as libublk sends them.
     let command = if ioctl_encoded {
@@ -112,26 +71,14 @@ pub(crate) async fn io_command(
         command & 0xff
     };
     let bytes = io_command_bytes(queue_id, tag, result, buffer_address);
-    let entry = match &device.fixed {
+    match &device.fixed {
         Some(fixed) => opcode::UringCmd16::new(types::Fixed(fixed.index()), command)
             .cmd(bytes)
             .build(),
         None => opcode::UringCmd16::new(types::Fd(device.fd), command)
             .cmd(bytes)
             .build(),
-    };
-    submit(entry, device.fixed.clone()).await
-}
-
-/// Reads into `buffer` from `offset_bytes` of `fd` through the host's ring;
-/// returns bytes read or -errno. Must be awaited to its end: the kernel
-/// writes into `buffer` until the result arrives.
-pub(crate) async fn read_at(fd: RawFd, offset_bytes: u64, buffer: &mut [u8]) -> i32 {
-    let length = u32::try_from(buffer.len()).expect("read checked against 4 GiB by the caller");
-    let entry = opcode::Read::new(types::Fd(fd), buffer.as_mut_ptr(), length)
-        .offset(offset_bytes)
-        .build();
-    submit(entry, ()).await
+    }
 }
 
 #[cfg(test)]

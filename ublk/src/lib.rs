@@ -32,7 +32,7 @@ pub use device::{
 };
 pub use error::UblkDeviceError;
 pub use hosted::HostedQueue;
-pub use target::{Errno, RequestBuffer, Target};
+pub use target::{Errno, HostedTarget, QueueHandle, RequestBuffer, Target};
 
 /// Sector size the ublk protocol counts offsets and lengths in.
 pub const SECTOR_SIZE_BYTES: u64 = 512;

@@ -92,7 +92,8 @@ pub(crate) fn serve<T: Target>(queue_id: u16, dev: &UblkDev, target: Arc<T>) {
 const OP_MASK: u32 = 0xff;
 
 /// What a request asks for, decoded from its descriptor.
-enum Request {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Request {
     Read {
         offset_bytes: u64,
         length_bytes: u32,
@@ -109,7 +110,7 @@ enum Request {
     },
 }
 
-fn decode(iod: &sys::ublksrv_io_desc) -> Request {
+pub(crate) fn decode(iod: &sys::ublksrv_io_desc) -> Request {
     let op = iod.op_flags & OP_MASK;
     // The kernel keeps requests within the device; should a position
     // overflow anyway, the saturated value fails the bounds check and the
@@ -171,13 +172,13 @@ impl TagCommands for UblkQueue<'_> {
 /// from while a command is outstanding. Should the tag's future be dropped
 /// with a command outstanding (its executor torn down while the device
 /// still lives), the buffer is leaked rather than freed under the kernel.
-struct TagMemory<B> {
-    buffer: Option<B>,
-    lent_to_kernel: bool,
+pub(crate) struct TagMemory<B> {
+    pub(crate) buffer: Option<B>,
+    pub(crate) lent_to_kernel: bool,
 }
 
 impl<B> TagMemory<B> {
-    fn buffer(&mut self) -> &mut B {
+    pub(crate) fn buffer(&mut self) -> &mut B {
         self.buffer
             .as_mut()
             .expect("a tag's buffer lives as long as the tag")
@@ -242,6 +243,38 @@ async fn serve_tag<T: Target>(
     }
 }
 
+/// `request` if the queue may hand it to the target: within the device and
+/// the tag's buffer, and an operation the device advertises; otherwise
+/// what the kernel gets instead (-errno), the target untouched.
+pub(crate) fn checked(
+    request: Request,
+    capacity_bytes: usize,
+    size_bytes: u64,
+) -> Result<Request, i32> {
+    let in_bounds = |offset_bytes: u64, length_bytes: u32| {
+        length_bytes as usize <= capacity_bytes
+            && offset_bytes
+                .checked_add(u64::from(length_bytes))
+                .is_some_and(|end| end <= size_bytes)
+    };
+    match request {
+        Request::Read {
+            offset_bytes,
+            length_bytes,
+        }
+        | Request::Write {
+            offset_bytes,
+            length_bytes,
+            ..
+        } if !in_bounds(offset_bytes, length_bytes) => Err(-libc::EINVAL),
+        Request::Unsupported { op } => {
+            tracing::warn!(op, "ublk: unsupported operation refused");
+            Err(-libc::EOPNOTSUPP)
+        }
+        request => Ok(request),
+    }
+}
+
 /// Serves one request; returns what the kernel gets: bytes done or -errno.
 async fn handle<T: Target>(
     request: Request,
@@ -250,43 +283,28 @@ async fn handle<T: Target>(
     capacity_bytes: usize,
     size_bytes: u64,
 ) -> i32 {
-    let in_bounds = |offset_bytes: u64, length_bytes: u32| {
-        length_bytes as usize <= capacity_bytes
-            && offset_bytes
-                .checked_add(u64::from(length_bytes))
-                .is_some_and(|end| end <= size_bytes)
+    let request = match checked(request, capacity_bytes, size_bytes) {
+        Ok(request) => request,
+        Err(result) => return result,
     };
     let outcome = match request {
         Request::Read {
             offset_bytes,
             length_bytes,
-        } => {
-            if !in_bounds(offset_bytes, length_bytes) {
-                return -libc::EINVAL;
-            }
-            target
-                .read(offset_bytes, length_bytes, buffer)
-                .await
-                .map(|()| length_bytes as i32)
-        }
+        } => target
+            .read(offset_bytes, length_bytes, buffer)
+            .await
+            .map(|()| length_bytes as i32),
         Request::Write {
             offset_bytes,
             length_bytes,
             fua,
-        } => {
-            if !in_bounds(offset_bytes, length_bytes) {
-                return -libc::EINVAL;
-            }
-            target
-                .write(offset_bytes, length_bytes, buffer, fua)
-                .await
-                .map(|()| length_bytes as i32)
-        }
+        } => target
+            .write(offset_bytes, length_bytes, buffer, fua)
+            .await
+            .map(|()| length_bytes as i32),
         Request::Flush => target.flush().await.map(|()| 0),
-        Request::Unsupported { op } => {
-            tracing::warn!(op, "ublk: unsupported operation refused");
-            return -libc::EOPNOTSUPP;
-        }
+        Request::Unsupported { .. } => unreachable!("refused by the check"),
     };
     outcome.unwrap_or_else(|errno| -errno)
 }

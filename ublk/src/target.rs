@@ -61,3 +61,60 @@ pub trait Target: 'static {
     /// Completes once every write completed before it is durable.
     fn flush(&self) -> impl Future<Output = Result<(), Errno>>;
 }
+
+/// A block device's behaviour on a hosted queue ([`crate::HostedQueue`]),
+/// which runs on its host's thread and answers requests without futures:
+/// the target is called with the request's tag, and answers later (or at
+/// once) through the [`QueueHandle`] it was made with. Reads are served by
+/// the queue itself, from the target's file, through the host's ring.
+///
+/// A request costs no task, waker or poll this way, and its answer no
+/// wake-up: on replblk's test VM these were a fifth of what a write cost
+/// the engine's thread (docs/BENCHMARKS.md, "Session 18").
+pub trait HostedTarget: 'static {
+    /// The per-request buffer type.
+    type Buffer: RequestBuffer;
+
+    /// A buffer for one tag, as [`Target::new_buffer`].
+    fn new_buffer(&self, capacity_bytes: usize) -> Self::Buffer;
+
+    /// The file reads are served from, at the same offsets as the device.
+    fn read_file(&self) -> std::os::fd::RawFd;
+
+    /// Starts writing `buffer[..length_bytes]` at `offset_bytes` (with
+    /// `fua`, durably) and answers for `tag` once done. The target may keep
+    /// the buffer's memory, as [`Target::write`] says.
+    fn write(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u32,
+        buffer: &mut Self::Buffer,
+        fua: bool,
+        tag: u16,
+    );
+
+    /// Answers for `tag` once every write completed before it is durable.
+    fn flush(&self, tag: u16);
+}
+
+/// How a [`HostedTarget`] answers its queue's requests. Cheap to clone;
+/// used on the queue's thread only.
+#[derive(Clone)]
+pub struct QueueHandle(pub(crate) std::rc::Weak<dyn Answer>);
+
+impl QueueHandle {
+    /// Completes the request in `tag` (a write or a flush the target was
+    /// handed): `Ok` with the request's full length, or the error. An
+    /// answer for a tag that holds no request of the target's (answered
+    /// already), or after the queue ended, is ignored.
+    pub fn answer(&self, tag: u16, result: Result<(), Errno>) {
+        if let Some(queue) = self.0.upgrade() {
+            queue.answer(tag, result);
+        }
+    }
+}
+
+/// The queue side of a [`QueueHandle`].
+pub(crate) trait Answer {
+    fn answer(self: std::rc::Rc<Self>, tag: u16, result: Result<(), Errno>);
+}
