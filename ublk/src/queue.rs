@@ -1,6 +1,5 @@
 //! One hardware queue: a thread with libublk's ring, one task per tag.
 
-use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -63,7 +62,7 @@ pub(crate) fn serve<T: Target>(queue_id: u16, dev: &UblkDev, target: Arc<T>) {
         let queue = queue.clone();
         let target = target.clone();
         let task = async move {
-            serve_tag_until_down(&queue, &*queue, tag, &*target, capacity_bytes, size_bytes).await
+            serve_tag_until_down(&queue, tag, &*target, capacity_bytes, size_bytes).await
         };
         tasks.push(executor.spawn(Notified::new(task, notifier.clone())));
     }
@@ -132,42 +131,6 @@ pub(crate) fn decode(iod: &sys::ublksrv_io_desc) -> Request {
     }
 }
 
-/// How a tag's commands reach the kernel: through libublk's ring on a
-/// queue thread, or through the host's ring for a hosted queue.
-pub(crate) trait TagCommands {
-    /// Fetches the tag's first request into `buffer`; returns once it is
-    /// there, or `QueueIsDown` once the queue is going away.
-    fn fetch(&self, tag: u16, buffer: *mut u8) -> impl Future<Output = Result<(), UblkError>>;
-
-    /// Completes the tag's request with `result` and fetches its next,
-    /// as [`TagCommands::fetch`] does.
-    fn commit_and_fetch(
-        &self,
-        tag: u16,
-        buffer: *mut u8,
-        result: i32,
-    ) -> impl Future<Output = Result<(), UblkError>>;
-}
-
-impl TagCommands for UblkQueue<'_> {
-    async fn fetch(&self, tag: u16, buffer: *mut u8) -> Result<(), UblkError> {
-        self.submit_io_prep_cmd(tag, BufDesc::RawAddress(buffer), -1, None)
-            .await
-            .map(drop)
-    }
-
-    async fn commit_and_fetch(
-        &self,
-        tag: u16,
-        buffer: *mut u8,
-        result: i32,
-    ) -> Result<(), UblkError> {
-        self.submit_io_commit_cmd(tag, BufDesc::RawAddress(buffer), result)
-            .await
-            .map(drop)
-    }
-}
-
 /// A tag's buffer, which the kernel writes requests into and reads results
 /// from while a command is outstanding. Should the tag's future be dropped
 /// with a command outstanding (its executor torn down while the device
@@ -194,15 +157,14 @@ impl<B> Drop for TagMemory<B> {
 }
 
 /// Serves tag `tag` until the queue goes down; any other end is logged.
-pub(crate) async fn serve_tag_until_down<T: Target>(
+async fn serve_tag_until_down<T: Target>(
     queue: &UblkQueue<'_>,
-    commands: &impl TagCommands,
     tag: u16,
     target: &T,
     capacity_bytes: usize,
     size_bytes: u64,
 ) {
-    match serve_tag(queue, commands, tag, target, capacity_bytes, size_bytes).await {
+    match serve_tag(queue, tag, target, capacity_bytes, size_bytes).await {
         Ok(()) | Err(UblkError::QueueIsDown) => {}
         Err(error) => {
             tracing::error!(queue_id = queue.get_qid(), tag, %error, "ublk: tag stopped")
@@ -212,7 +174,6 @@ pub(crate) async fn serve_tag_until_down<T: Target>(
 
 async fn serve_tag<T: Target>(
     queue: &UblkQueue<'_>,
-    commands: &impl TagCommands,
     tag: u16,
     target: &T,
     capacity_bytes: usize,
@@ -227,7 +188,14 @@ async fn serve_tag<T: Target>(
         "target's buffer too small"
     );
     memory.lent_to_kernel = true;
-    let fetched = commands.fetch(tag, memory.buffer().as_mut_ptr()).await;
+    let fetched = queue
+        .submit_io_prep_cmd(
+            tag,
+            BufDesc::RawAddress(memory.buffer().as_mut_ptr()),
+            -1,
+            None,
+        )
+        .await;
     memory.lent_to_kernel = false;
     fetched?;
     loop {
@@ -235,8 +203,12 @@ async fn serve_tag<T: Target>(
         let result = handle(request, target, memory.buffer(), capacity_bytes, size_bytes).await;
         // The pointer is fetched afresh: a write may have swapped the memory.
         memory.lent_to_kernel = true;
-        let fetched = commands
-            .commit_and_fetch(tag, memory.buffer().as_mut_ptr(), result)
+        let fetched = queue
+            .submit_io_commit_cmd(
+                tag,
+                BufDesc::RawAddress(memory.buffer().as_mut_ptr()),
+                result,
+            )
             .await;
         memory.lent_to_kernel = false;
         fetched?;
