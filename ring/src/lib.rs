@@ -87,7 +87,9 @@ pub struct Ring {
     callbacks: RefCell<Vec<(Deferred, i32)>>,
     /// The time of this turn, read at the first [`now`] after the ring
     /// last waited; `None` until then.
-    turn_time: std::cell::Cell<Option<Instant>>,
+    turn_time: std::cell::Cell<Option<TurnTime>>,
+    /// When the ring was made: what [`now_ms`] counts from.
+    started: Instant,
     /// The table of registered files, if the kernel has one.
     fixed: RefCell<Option<FixedTable>>,
 }
@@ -198,6 +200,7 @@ impl Ring {
             wake_armed: std::cell::Cell::new(false),
             callbacks: RefCell::new(Vec::new()),
             turn_time: std::cell::Cell::new(None),
+            started: Instant::now(),
             fixed: RefCell::new(fixed),
         });
         Ok(ring)
@@ -315,12 +318,21 @@ impl Ring {
     /// The time of this turn: read at the first call after the ring last
     /// waited, then the same until it waits again.
     fn now(&self) -> Instant {
+        self.turn_time().instant
+    }
+
+    fn turn_time(&self) -> TurnTime {
         match self.turn_time.get() {
-            Some(now) => now,
+            Some(time) => time,
             None => {
-                let now = Instant::now();
-                self.turn_time.set(Some(now));
-                now
+                let instant = Instant::now();
+                let time = TurnTime {
+                    instant,
+                    since_started_ms: instant.saturating_duration_since(self.started).as_millis()
+                        as u64,
+                };
+                self.turn_time.set(Some(time));
+                time
             }
         }
     }
@@ -527,6 +539,29 @@ fn complete(slots: &mut Slab<Slot>, key: u64, result: i32) -> Option<Completed> 
 /// Panics outside [`Ring::block_on`].
 pub fn now() -> Instant {
     Ring::with(Ring::now)
+}
+
+/// [`now`] in milliseconds since [`started`], converted once per turn:
+/// for a state machine whose clock is in milliseconds and which reads it
+/// at every event.
+///
+/// Panics outside [`Ring::block_on`].
+pub fn now_ms() -> u64 {
+    Ring::with(|ring| ring.turn_time().since_started_ms)
+}
+
+/// When the calling thread's ring was made: what [`now_ms`] counts from.
+///
+/// Panics outside [`Ring::block_on`].
+pub fn started() -> Instant {
+    Ring::with(|ring| ring.started)
+}
+
+/// A turn's time, as read once.
+#[derive(Clone, Copy)]
+struct TurnTime {
+    instant: Instant,
+    since_started_ms: u64,
 }
 
 /// Spawns `future` as a task of the calling thread's ring.
@@ -806,14 +841,18 @@ mod tests {
     fn the_turns_time_holds_until_the_ring_waits_again() {
         let ring = Ring::new().unwrap();
         let (first, second, after_wait) = ring.block_on(async {
-            let first = now();
+            let first = (now(), now_ms());
             std::thread::sleep(Duration::from_millis(5));
-            let second = now();
+            let second = (now(), now_ms());
             sleep(Duration::from_millis(5)).await;
-            (first, second, now())
+            (first, second, (now(), now_ms()))
         });
         assert_eq!(first, second, "one reading per turn");
-        assert!(after_wait >= first + Duration::from_millis(5));
+        assert!(after_wait.0 >= first.0 + Duration::from_millis(5));
+        for (instant, ms) in [first, after_wait] {
+            let since_started = instant.duration_since(ring.started).as_millis() as u64;
+            assert_eq!(ms, since_started, "the turn's time in ms");
+        }
     }
 
     #[test]

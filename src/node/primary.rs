@@ -76,6 +76,8 @@ pub(crate) struct Engine {
     reconnect_interval: Duration,
     /// Longest wait for a secondary's answer to the handshake.
     handshake_timeout: Duration,
+    /// When the engine's ring started: the core's milliseconds
+    /// (`ring::now_ms`) count from it.
     clock: Instant,
     /// The crc32 last computed for an update that came without one, by seq.
     last_crc32: Cell<Option<(u64, u32)>>,
@@ -199,7 +201,7 @@ pub(crate) fn run(
             accepting: Cell::new(true),
             reconnect_interval: Duration::from_millis(replication.reconnect_interval_ms),
             handshake_timeout: Duration::from_millis(replication.ack_timeout_ms),
-            clock: Instant::now(),
+            clock: crate::ring::started(),
             last_crc32: Cell::new(None),
             timer_rearm: Notify::new(),
             timer_armed_ms: Cell::new(Some(0)),
@@ -607,9 +609,7 @@ impl Engine {
     /// core's deadlines are in milliseconds, and a write would otherwise
     /// read the clock at each of its events.
     fn now_ms(&self) -> u64 {
-        crate::ring::now()
-            .saturating_duration_since(self.clock)
-            .as_millis() as u64
+        crate::ring::now_ms()
     }
 
     /// Submits the records read back, in seq order, then a flush; returns
