@@ -71,8 +71,8 @@ pub trait Target: 'static {
 /// A request costs no task, waker or poll this way, and its answer no
 /// wake-up: in replblk's test VM, counting instructions, that (with the
 /// engine's copy writes told the same way) took its IOPS at queue depth 32
-/// from 0.95x to 0.99-1.00x of libublk's loop example (docs/BENCHMARKS.md,
-/// "Session 18").
+/// from 0.96x to 1.00x of libublk's loop example (medians of five boots;
+/// docs/BENCHMARKS.md, "Session 18").
 pub trait HostedTarget: 'static {
     /// The per-request buffer type.
     type Buffer: RequestBuffer;
