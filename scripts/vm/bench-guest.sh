@@ -397,53 +397,80 @@ counters_start() { # job target
     local file="$out/counters/$1.$2.txt"
     thread_times "$pid" before > "$file"
     perf stat --per-thread -p "$pid" -x, --append -o "$file" \
-        -e task-clock,context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_io_uring_enter \
+        -e task-clock,context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_io_uring_enter,duration_time \
         -- sleep "$counters_s" > /dev/null 2>&1 \
         || say "perf stat for $1 on $2 failed"
     thread_times "$pid" after >> "$file"
     awk '/^AnonHugePages:/ {print "anon_huge_kib," $2}' "/proc/$pid/smaps_rollup" >> "$file" 2>/dev/null || true
 }
-# Each thread's user and system CPU time so far, in clock ticks.
+# Each thread's user and system CPU time so far, in clock ticks; then the
+# whole process's (threads gone meanwhile included) and the guest's clock.
 thread_times() { # pid label
     local stat
-    for stat in /proc/"$1"/task/*/stat; do
+    for stat in /proc/"$1"/task/*/stat /proc/"$1"/stat; do
         # After the name's closing parenthesis: fields 3.. of proc(5).
         sed -E 's/^([0-9]+) \((.*)\) (.*)$/\1 \2 \3/' "$stat" 2>/dev/null \
-            | awk -v label="$2" '{n = NF - 52; printf "%s,%s,%s,utime=%s,stime=%s\n", label, $1, $2, $(14 + n), $(15 + n)}'
+            | awk -v label="$2" -v kind="${stat%/stat}" '{
+                n = NF - 52
+                if (kind ~ /task/) printf "%s,%s,%s,utime=%s,stime=%s\n", label, $1, $2, $(14 + n), $(15 + n)
+                else printf "process,%s,utime=%s,stime=%s\n", label, $(14 + n), $(15 + n)
+            }'
     done
+    echo "clock,$2,$(date +%s%N)"
 }
 # One line per busy thread of the counted server in counters/summary.tsv:
-# job, target, IOPS, thread, then per write its CPU µs, io_uring_enter
-# calls and context switches, the user share of its CPU time (from
-# /proc's clock ticks, so rough), and the CPU µs of the process's io_uring
-# workers together.
+# job, target, IOPS, thread, then per write its CPU µs (perf's
+# task-clock, and from /proc's clock ticks), io_uring_enter calls and
+# context switches, the user share of its CPU time (from the ticks, so
+# rough), and the CPU µs of the process's io_uring workers together. Per
+# write means over the time perf counted (its duration_time) for perf's
+# figures, over the window from `before` to `after` for the ticks'. Workers come and go within a
+# window (an idle one exits, a busy pool grows), and perf counts only the
+# threads there when it starts: the workers' figure is the process's CPU
+# time less its other threads', from the ticks.
 counters_summary() { # job target
     local file="$out/counters/$1.$2.txt" iops
     [ -s "$file" ] || return 0
     iops=$(awk -F'\t' -v job="$1" -v target="$2" '$1 == target && $2 == job {iops = $3} END {print iops}' "$out/rows.tsv")
     [[ $iops =~ ^[0-9.]+$ ]] || return 0
-    awk -F, -v job="$1" -v target="$2" -v iops="$iops" -v seconds="$counters_s" '
+    awk -F, -v job="$1" -v target="$2" -v iops="$iops" '
         $1 == "before" || $1 == "after" {
             split($4, u, "="); split($5, s, "=")
-            user[$1, $2] = u[2]; sys[$1, $2] = s[2]; next
+            user[$1, $2] = u[2]; sys[$1, $2] = s[2]; thread_name[$2] = $3; next
         }
+        $1 == "process" {
+            split($3, u, "="); split($4, s, "=")
+            process[$2] = u[2] + s[2]; next
+        }
+        $1 == "clock" { clock_ns[$2] = $3; next }
         NF > 3 && $2 != "<not counted>" {
             n = split($1, parts, "-"); tid = parts[n]
             thread = $1; sub("-" tid "$", "", thread)
             name[tid] = thread; value[tid, $4] = $2
         }
         END {
-            writes = iops * seconds
-            if (writes == 0) exit
-            for (tid in name) if (name[tid] ~ /^iou-wrk/) workers += value[tid, "task-clock"]
+            # Ticks are 10 ms (USER_HZ 100): the workers in µs per write.
+            others = 0
+            for (key in user) {
+                split(key, k, SUBSEP)
+                if (k[1] != "after" || thread_name[k[2]] ~ /^iou-wrk/ || !(("before", k[2]) in user)) continue
+                others += user["after", k[2]] - user["before", k[2]] + sys["after", k[2]] - sys["before", k[2]]
+            }
+            window_s = (clock_ns["after"] - clock_ns["before"]) / 1e9
+            workers = "-"
+            if (window_s > 0 && ("before" in process) && ("after" in process))
+                workers = sprintf("%.1f", (process["after"] - process["before"] - others) * 10000 / (iops * window_s))
             for (tid in name) {
                 if (name[tid] ~ /^iou-wrk/ || value[tid, "task-clock"] < 50) continue
+                writes = iops * value[tid, "duration_time"] / 1e9
+                if (writes == 0) continue
                 ticks = user["after", tid] - user["before", tid] + sys["after", tid] - sys["before", tid]
                 share = ticks > 0 ? sprintf("%.2f", (user["after", tid] - user["before", tid]) / ticks) : "-"
-                printf "%s\t%s\t%s\t%s\t%.1f\t%.2f\t%.2f\t%s\t%.1f\n", job, target, iops, name[tid],
-                    value[tid, "task-clock"] * 1000 / writes,
+                ticked = window_s > 0 ? sprintf("%.1f", ticks * 10000 / (iops * window_s)) : "-"
+                printf "%s\t%s\t%s\t%s\t%.1f\t%s\t%.2f\t%.2f\t%s\t%s\n", job, target, iops, name[tid],
+                    value[tid, "task-clock"] * 1000 / writes, ticked,
                     value[tid, "syscalls:sys_enter_io_uring_enter"] / writes,
-                    value[tid, "context-switches"] / writes, share, workers * 1000 / writes
+                    value[tid, "context-switches"] / writes, share, workers
             }
         }' "$file" >> "$out/counters/summary.tsv"
 }

@@ -282,9 +282,9 @@ onoff() { case $1 in 1|on) echo on ;; 0|off) echo off ;; *) echo "unknown" ;; es
         echo
         echo "Per write, counted in the guest (REPLBLK_BENCH_COUNTERS_S), the serving process:"
         echo
-        echo "| job | target | IOPS | thread | CPU µs | io_uring_enter | context switches | user share | io-wq CPU µs |"
-        echo "|---|---|---:|---|---:|---:|---:|---:|---:|"
-        awk -F'\t' '{printf "| %s | %s | %d | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9}' \
+        echo "| job | target | IOPS | thread | CPU µs (perf) | CPU µs (ticks) | io_uring_enter | context switches | user share | io-wq CPU µs (ticks) |"
+        echo "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"
+        awk -F'\t' '{printf "| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10}' \
             "$out/counters/summary.tsv"
     fi
 } > "$out/table.md"
