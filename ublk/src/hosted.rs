@@ -8,10 +8,15 @@
 //! served on the target's thread instead, and its ublk commands go into
 //! the host's own io_uring ([`crate::host_ring`]), next to the host's file
 //! writes and sockets. libublk still sets the queue up (the mapping of the
-//! request descriptors) but its ring for the queue stays unused. The
-//! queue's tags are futures inside one task of the host; the target's
-//! futures complete on the same thread, and the thread waits on one ring.
-//! Nothing crosses a thread between the kernel and the target.
+//! request descriptors) but its ring for the queue stays unused. The queue
+//! keeps a table of its tags, and each of its operations on the ring
+//! carries its tag as the token the ring hands the completion back with
+//! (`replblk_ring::Completions`). A request is served from there: a read
+//! from the target's file on the same ring, a write or a flush by a call to
+//! the [`HostedTarget`], which answers through the queue's
+//! [`QueueHandle`] when done. No task, future or waker per request; the
+//! thread waits on one ring, and nothing crosses a thread between the
+//! kernel and the target.
 //!
 //! The one rule of a queue (only the thread that fetched its first request
 //! sends its commands) holds because the whole queue lives inside
