@@ -17,8 +17,10 @@
 //! - `replblk-0`, `replblk-1`, `replblk-2`: a 1 GiB volume with 0, 1 and 2
 //!   `replblkd` secondaries on 127.0.0.1, the primary in this process
 //!   through the volume API, with the default replication config. The
-//!   workload runs on the engine's thread (`Volume::host`), as the block
-//!   device's first queue does; with `--caller thread` it runs on the
+//!   workload runs on the engine's thread (`Volume::host`) and hands each
+//!   write over by a call, told its result by a call too
+//!   (`LocalVolume::write_to`), as the block device's first queue does;
+//!   with `--caller thread` it runs on the
 //!   benchmark's own thread and reaches the engine through the volume's
 //!   channel, as a caller on another thread does.
 //!
@@ -42,10 +44,12 @@ use std::fs::OpenOptions;
 use std::future::Future;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::Command;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
@@ -56,7 +60,7 @@ use hdrhistogram::Histogram;
 use replblk::buf::{AlignedBuf, SharedBuf};
 use replblk::config::ReplicationConfig;
 use replblk::node::local_cluster::{LocalCluster, PRIMARY_NODE_ID};
-use replblk::node::volume::{Replicate, Volume};
+use replblk::node::volume::{LocalVolume, Replicate, ReplySink, Volume, VolumeError};
 use replblk_tools::cpu_time::{CpuProbe, CpuTimes};
 
 /// Size of the volume, and of the local baseline file.
@@ -193,7 +197,8 @@ fn prefill(path: &Path) -> anyhow::Result<()> {
 /// Where a volume's workload runs (see `Args::caller`).
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Caller {
-    /// On the engine's thread, calling it directly (`LocalVolume`).
+    /// On the engine's thread, calling it directly
+    /// (`LocalVolume::write_to`, as the hosted ublk queue does).
     Engine,
     /// On the benchmark's thread, through the volume's channel.
     Thread,
@@ -517,6 +522,17 @@ async fn run_workload<T: Target + 'static, S: Future<Output = ()>>(
             DRAIN_TIMEOUT.as_secs()
         ),
     };
+    measured_result(workload, measured, &run, completed, &latency_us)
+}
+
+/// What a workload's run measured, from its count and latencies.
+fn measured_result(
+    workload: &Workload,
+    measured: Duration,
+    run: &Run,
+    completed: u64,
+    latency_us: &Histogram<u64>,
+) -> anyhow::Result<Measured> {
     if completed == 0 {
         bail!(
             "{}: no write completed in the measured window",
@@ -535,6 +551,179 @@ async fn run_workload<T: Target + 'static, S: Future<Output = ()>>(
         p99_us: latency_us.value_at_quantile(0.99),
         cpu_per_write: CpuPerWrite::new(&cpu_at_end.since(&cpu_at_start), completed),
     })
+}
+
+/// Runs `workload` on the engine's thread the way the hosted ublk queue
+/// drives the engine: `queue_depth` slots, each handing its write over
+/// with [`LocalVolume::write_to`] and told the result by a call on this
+/// sink, which hands over the slot's next write. No future per write.
+struct SinkWorkload {
+    volume: LocalVolume,
+    run: Rc<Run>,
+    data: SharedBuf,
+    /// This sink as the engine takes it; a cycle, broken when the workload
+    /// ends (`finish`).
+    this: RefCell<Option<Rc<dyn ReplySink>>>,
+    /// When each slot's write in flight was handed over.
+    issued: RefCell<Vec<Instant>>,
+    tally: RefCell<WorkerTally>,
+    /// Slots whose writes have not ended.
+    live: Cell<usize>,
+    failure: RefCell<Option<anyhow::Error>>,
+    ended: Cell<Option<Waker>>,
+}
+
+impl SinkWorkload {
+    /// Hands over slot `token`'s next write, or ends the slot once the run
+    /// is over.
+    fn submit(&self, token: u64) {
+        if let Err(error) = self.next(token) {
+            self.failure.borrow_mut().get_or_insert(error);
+            self.end_slot();
+        }
+    }
+
+    fn next(&self, token: u64) -> anyhow::Result<()> {
+        if self.run.interrupted.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        let issued = Instant::now();
+        if issued >= self.run.end {
+            if self.run.cpu_at_end.get().is_none() {
+                self.run.cpu_at_end.set(Some(self.run.cpu_probe.read()?));
+            }
+            self.end_slot();
+            return Ok(());
+        }
+        let offset_bytes = self.run.offsets.borrow_mut().next();
+        self.issued.borrow_mut()[token as usize] = issued;
+        let sink = self
+            .this
+            .borrow()
+            .clone()
+            .expect("the sink lives while slots do");
+        self.volume
+            .write_to(offset_bytes, self.data.clone(), false, &sink, token);
+        Ok(())
+    }
+
+    fn record(&self, token: u64) -> anyhow::Result<()> {
+        let done = Instant::now();
+        if done >= self.run.measure_from && done < self.run.end {
+            if self.run.cpu_at_start.get().is_none() {
+                self.run.cpu_at_start.set(Some(self.run.cpu_probe.read()?));
+            }
+            let issued = self.issued.borrow()[token as usize];
+            let mut tally = self.tally.borrow_mut();
+            tally.completed += 1;
+            let micros = u64::try_from((done - issued).as_micros()).unwrap_or(u64::MAX);
+            tally.latency_us.saturating_record(micros.max(1));
+        }
+        Ok(())
+    }
+
+    fn end_slot(&self) {
+        let live = self.live.get() - 1;
+        self.live.set(live);
+        if live == 0 {
+            self.this.borrow_mut().take();
+            if let Some(waker) = self.ended.take() {
+                waker.wake();
+            }
+        }
+    }
+}
+
+impl ReplySink for SinkWorkload {
+    fn reply(&self, token: u64, result: Result<(), VolumeError>) {
+        let recorded = result
+            .with_context(|| "writing the volume".to_string())
+            .and_then(|()| self.record(token));
+        match recorded {
+            Ok(()) => self.submit(token),
+            Err(error) => {
+                self.failure.borrow_mut().get_or_insert(error);
+                self.end_slot();
+            }
+        }
+    }
+}
+
+/// Ready once every slot of the workload ended.
+struct SlotsEnded<'a>(&'a SinkWorkload);
+
+impl Future for SlotsEnded<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        if self.0.live.get() == 0 {
+            return Poll::Ready(());
+        }
+        self.0.ended.set(Some(cx.waker().clone()));
+        Poll::Pending
+    }
+}
+
+/// As [`run_workload`], through [`SinkWorkload`] on the engine's thread.
+async fn run_sink_workload(
+    volume: LocalVolume,
+    workload: &Workload,
+    seconds: u64,
+    interrupted: &'static AtomicBool,
+    cpu_probe: Rc<CpuProbe>,
+) -> anyhow::Result<Measured> {
+    let measured = Duration::from_secs(seconds);
+    let start = Instant::now();
+    let depth = workload.queue_depth;
+    let sink = Rc::new(SinkWorkload {
+        volume,
+        run: Rc::new(Run {
+            measure_from: start + WARMUP,
+            end: start + WARMUP + measured,
+            offsets: RefCell::new(Offsets::new(workload)),
+            interrupted,
+            cpu_probe,
+            cpu_at_start: Cell::new(None),
+            cpu_at_end: Cell::new(None),
+        }),
+        data: payload(workload.block_bytes),
+        this: RefCell::new(None),
+        issued: RefCell::new(vec![start; depth]),
+        tally: RefCell::new(WorkerTally {
+            completed: 0,
+            latency_us: histogram(),
+        }),
+        live: Cell::new(depth),
+        failure: RefCell::new(None),
+        ended: Cell::new(None),
+    });
+    *sink.this.borrow_mut() = Some(sink.clone());
+    for token in 0..depth as u64 {
+        sink.submit(token);
+    }
+    let limit = WARMUP + measured + DRAIN_TIMEOUT;
+    let ended = replblk::ring::timeout(limit, SlotsEnded(&sink)).await;
+    // Whatever happened, the cycle goes (writes still in flight keep the
+    // sink alive until the engine tells them).
+    sink.this.borrow_mut().take();
+    if ended.is_err() {
+        bail!(
+            "{}: writes still in flight {} s after the run's end",
+            workload.name,
+            DRAIN_TIMEOUT.as_secs()
+        );
+    }
+    if let Some(error) = sink.failure.borrow_mut().take() {
+        return Err(error);
+    }
+    let tally = sink.tally.borrow();
+    measured_result(
+        workload,
+        measured,
+        &sink.run,
+        tally.completed,
+        &tally.latency_us,
+    )
 }
 
 fn progress(target: &str, workload: &Workload, measured: &Measured) {
@@ -685,15 +874,12 @@ fn bench_volume(
                 volume
                     .host(Box::new(move |local| {
                         Box::pin(async move {
-                            let target = Rc::new(ReplicatedVolume(local));
-                            // The engine's loop is `replblk::ring`.
-                            let result = run_workload(
-                                target,
+                            let result = run_sink_workload(
+                                local,
                                 workload,
                                 seconds,
                                 interrupted,
                                 Rc::new(cpu_probe),
-                                replblk::ring::sleep,
                             );
                             let _ = sender.send(result.await);
                         })
