@@ -419,6 +419,27 @@ struct Run {
     cpu_at_end: Cell<Option<CpuTimes>>,
 }
 
+impl Run {
+    /// A run of `workload` starting now: a warm-up, then `measured`.
+    fn start(
+        workload: &Workload,
+        measured: Duration,
+        interrupted: &'static AtomicBool,
+        cpu_probe: Rc<CpuProbe>,
+    ) -> Run {
+        let start = Instant::now();
+        Run {
+            measure_from: start + WARMUP,
+            end: start + WARMUP + measured,
+            offsets: RefCell::new(Offsets::new(workload)),
+            interrupted,
+            cpu_probe,
+            cpu_at_start: Cell::new(None),
+            cpu_at_end: Cell::new(None),
+        }
+    }
+}
+
 /// What one worker saw in the measured window.
 struct WorkerTally {
     completed: u64,
@@ -488,16 +509,7 @@ async fn run_workload<T: Target + 'static, S: Future<Output = ()>>(
 ) -> anyhow::Result<Measured> {
     let data = payload(workload.block_bytes);
     let measured = Duration::from_secs(seconds);
-    let start = Instant::now();
-    let run = Rc::new(Run {
-        measure_from: start + WARMUP,
-        end: start + WARMUP + measured,
-        offsets: RefCell::new(Offsets::new(workload)),
-        interrupted,
-        cpu_probe,
-        cpu_at_start: Cell::new(None),
-        cpu_at_end: Cell::new(None),
-    });
+    let run = Rc::new(Run::start(workload, measured, interrupted, cpu_probe));
     let mut workers: FuturesUnordered<_> = (0..workload.queue_depth)
         .map(|_| worker(target.clone(), run.clone(), data.clone()))
         .collect();
@@ -516,13 +528,19 @@ async fn run_workload<T: Target + 'static, S: Future<Output = ()>>(
     let limit = WARMUP + measured + DRAIN_TIMEOUT;
     let (completed, latency_us) = tokio::select! {
         collected = collect => collected?,
-        () = sleep(limit) => bail!(
-            "{}: writes still in flight {} s after the run's end",
-            workload.name,
-            DRAIN_TIMEOUT.as_secs()
-        ),
+        () = sleep(limit) => return Err(still_in_flight(workload)),
     };
     measured_result(workload, measured, &run, completed, &latency_us)
+}
+
+/// A workload's writes did not all end within [`DRAIN_TIMEOUT`] of its
+/// end.
+fn still_in_flight(workload: &Workload) -> anyhow::Error {
+    anyhow!(
+        "{}: writes still in flight {} s after the run's end",
+        workload.name,
+        DRAIN_TIMEOUT.as_secs()
+    )
 }
 
 /// What a workload's run measured, from its count and latencies.
@@ -673,22 +691,14 @@ async fn run_sink_workload(
     cpu_probe: Rc<CpuProbe>,
 ) -> anyhow::Result<Measured> {
     let measured = Duration::from_secs(seconds);
-    let start = Instant::now();
+    let run = Rc::new(Run::start(workload, measured, interrupted, cpu_probe));
     let depth = workload.queue_depth;
     let sink = Rc::new(SinkWorkload {
         volume,
-        run: Rc::new(Run {
-            measure_from: start + WARMUP,
-            end: start + WARMUP + measured,
-            offsets: RefCell::new(Offsets::new(workload)),
-            interrupted,
-            cpu_probe,
-            cpu_at_start: Cell::new(None),
-            cpu_at_end: Cell::new(None),
-        }),
+        issued: RefCell::new(vec![run.measure_from; depth]),
+        run,
         data: payload(workload.block_bytes),
         this: RefCell::new(None),
-        issued: RefCell::new(vec![start; depth]),
         tally: RefCell::new(WorkerTally {
             completed: 0,
             latency_us: histogram(),
@@ -707,11 +717,7 @@ async fn run_sink_workload(
     // sink alive until the engine tells them).
     sink.this.borrow_mut().take();
     if ended.is_err() {
-        bail!(
-            "{}: writes still in flight {} s after the run's end",
-            workload.name,
-            DRAIN_TIMEOUT.as_secs()
-        );
+        return Err(still_in_flight(workload));
     }
     if let Some(error) = sink.failure.borrow_mut().take() {
         return Err(error);
