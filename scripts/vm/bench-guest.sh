@@ -424,10 +424,11 @@ thread_times() { # pid label
 # context switches, the user share of its CPU time (from the ticks, so
 # rough), and the CPU µs of the process's io_uring workers together. Per
 # write means over the time perf counted (its duration_time) for perf's
-# figures, over the window from `before` to `after` for the ticks'. Workers come and go within a
-# window (an idle one exits, a busy pool grows), and perf counts only the
-# threads there when it starts: the workers' figure is the process's CPU
-# time less its other threads', from the ticks.
+# figures, over the window from `before` to `after` for the ticks'.
+# Workers come and go within a window (an idle one exits, a busy pool
+# grows), and perf counts only the threads there when it starts: the
+# workers' figure is the process's CPU time less its other threads', from
+# the ticks.
 counters_summary() { # job target
     local file="$out/counters/$1.$2.txt" iops
     [ -s "$file" ] || return 0

@@ -60,7 +60,7 @@ use hdrhistogram::Histogram;
 use replblk::buf::{AlignedBuf, SharedBuf};
 use replblk::config::ReplicationConfig;
 use replblk::node::local_cluster::{LocalCluster, PRIMARY_NODE_ID};
-use replblk::node::volume::{LocalVolume, Replicate, ReplySink, Volume, VolumeError};
+use replblk::node::volume::{LocalVolume, ReplySink, Volume, VolumeError};
 use replblk_tools::cpu_time::{CpuProbe, CpuTimes};
 
 /// Size of the volume, and of the local baseline file.
@@ -343,11 +343,11 @@ impl Target for LocalFile {
     }
 }
 
-/// A replicated volume through the volume API: over the channel
-/// (`Arc<Volume>`) or on the engine's thread (`LocalVolume`).
-struct ReplicatedVolume<R>(R);
+/// A replicated volume through the volume's channel, from the benchmark's
+/// own thread (`--caller thread`).
+struct ReplicatedVolume(Arc<Volume>);
 
-impl<R: Replicate> Target for ReplicatedVolume<R> {
+impl Target for ReplicatedVolume {
     async fn write(&self, offset_bytes: u64, data: SharedBuf) -> anyhow::Result<()> {
         self.0
             .write(offset_bytes, data, false)
@@ -440,6 +440,39 @@ impl Run {
     }
 }
 
+impl Run {
+    /// Whether a write about to be issued `now` is past the run's end, which
+    /// the first to see it marks with the CPU used so far. Fails if the
+    /// run was interrupted.
+    fn is_over(&self, now: Instant) -> anyhow::Result<bool> {
+        if self.interrupted.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        if now < self.end {
+            return Ok(false);
+        }
+        if self.cpu_at_end.get().is_none() {
+            self.cpu_at_end.set(Some(self.cpu_probe.read()?));
+        }
+        Ok(true)
+    }
+
+    /// Counts a write issued at `issued` that completed now, if it completed
+    /// inside the measured window.
+    fn count(&self, issued: Instant, tally: &mut WorkerTally) -> anyhow::Result<()> {
+        let done = Instant::now();
+        if done >= self.measure_from && done < self.end {
+            if self.cpu_at_start.get().is_none() {
+                self.cpu_at_start.set(Some(self.cpu_probe.read()?));
+            }
+            tally.completed += 1;
+            let micros = u64::try_from((done - issued).as_micros()).unwrap_or(u64::MAX);
+            tally.latency_us.saturating_record(micros.max(1));
+        }
+        Ok(())
+    }
+}
+
 /// What one worker saw in the measured window.
 struct WorkerTally {
     completed: u64,
@@ -462,27 +495,13 @@ async fn worker<T: Target + 'static>(
         latency_us: histogram(),
     };
     loop {
-        if run.interrupted.load(Ordering::Relaxed) {
-            bail!("interrupted");
-        }
         let issued = Instant::now();
-        if issued >= run.end {
-            if run.cpu_at_end.get().is_none() {
-                run.cpu_at_end.set(Some(run.cpu_probe.read()?));
-            }
+        if run.is_over(issued)? {
             return Ok(tally);
         }
         let offset = run.offsets.borrow_mut().next();
         target.write(offset, data.clone()).await?;
-        let done = Instant::now();
-        if done >= run.measure_from && done < run.end {
-            if run.cpu_at_start.get().is_none() {
-                run.cpu_at_start.set(Some(run.cpu_probe.read()?));
-            }
-            tally.completed += 1;
-            let micros = u64::try_from((done - issued).as_micros()).unwrap_or(u64::MAX);
-            tally.latency_us.saturating_record(micros.max(1));
-        }
+        run.count(issued, &mut tally)?;
     }
 }
 
@@ -579,8 +598,8 @@ struct SinkWorkload {
     volume: LocalVolume,
     run: Rc<Run>,
     data: SharedBuf,
-    /// This sink as the engine takes it; a cycle, broken when the workload
-    /// ends (`finish`).
+    /// This sink as the engine takes it; a cycle, broken once every slot
+    /// ended (`end_slot`) or the wait for them timed out.
     this: RefCell<Option<Rc<dyn ReplySink>>>,
     /// When each slot's write in flight was handed over.
     issued: RefCell<Vec<Instant>>,
@@ -602,14 +621,8 @@ impl SinkWorkload {
     }
 
     fn next(&self, token: u64) -> anyhow::Result<()> {
-        if self.run.interrupted.load(Ordering::Relaxed) {
-            bail!("interrupted");
-        }
         let issued = Instant::now();
-        if issued >= self.run.end {
-            if self.run.cpu_at_end.get().is_none() {
-                self.run.cpu_at_end.set(Some(self.run.cpu_probe.read()?));
-            }
+        if self.run.is_over(issued)? {
             self.end_slot();
             return Ok(());
         }
@@ -622,21 +635,6 @@ impl SinkWorkload {
             .expect("the sink lives while slots do");
         self.volume
             .write_to(offset_bytes, self.data.clone(), false, &sink, token);
-        Ok(())
-    }
-
-    fn record(&self, token: u64) -> anyhow::Result<()> {
-        let done = Instant::now();
-        if done >= self.run.measure_from && done < self.run.end {
-            if self.run.cpu_at_start.get().is_none() {
-                self.run.cpu_at_start.set(Some(self.run.cpu_probe.read()?));
-            }
-            let issued = self.issued.borrow()[token as usize];
-            let mut tally = self.tally.borrow_mut();
-            tally.completed += 1;
-            let micros = u64::try_from((done - issued).as_micros()).unwrap_or(u64::MAX);
-            tally.latency_us.saturating_record(micros.max(1));
-        }
         Ok(())
     }
 
@@ -656,7 +654,10 @@ impl ReplySink for SinkWorkload {
     fn reply(&self, token: u64, result: Result<(), VolumeError>) {
         let recorded = result
             .with_context(|| "writing the volume".to_string())
-            .and_then(|()| self.record(token));
+            .and_then(|()| {
+                let issued = self.issued.borrow()[token as usize];
+                self.run.count(issued, &mut self.tally.borrow_mut())
+            });
         match recorded {
             Ok(()) => self.submit(token),
             Err(error) => {
